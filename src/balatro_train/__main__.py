@@ -1,0 +1,3 @@
+from balatro_train.train import main
+
+main()

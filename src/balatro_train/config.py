@@ -1,0 +1,118 @@
+"""Structured configs: the types and keys of `conf/train.yaml`, checked by Hydra before any work.
+
+A wrong type (`trainer.epochs=abc`) or an unknown key (`trainer.epoch=3`) fails at composition
+with a message naming the key. Groups whose options are `_target_` nodes (model, freeze,
+optimizer, scheduler, transforms, metrics) stay open dictionaries: `instantiate` checks them.
+Value ranges are checked in `check_config`, so that every mistake is reported the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from balatro_train.errors import UserError
+
+
+@dataclass
+class DatasetConfig:
+    labels_file: str = "data/dataset_default/labels.json"
+    augmented_labels_files: list[str] = field(default_factory=list)
+    root: str = "."
+    # A `_target_` node called before reading the files (the demo renders its set there).
+    render: Optional[Any] = None
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 224
+    val_split: float = 0.2
+    weighted_sampler: bool = False
+    background: list[int] = field(default_factory=lambda: [0, 0, 0])
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 20
+    batch_size: int = 32
+    patience: int = 5
+    checkpoint_interval: int = 5
+    device: str = "auto"
+    precision: str = "auto"
+    num_workers: str = "auto"
+    combine_losses: str = "max"
+    channels_last: bool = True
+
+
+@dataclass
+class TaskConfig:
+    field: str = "name"
+    train_transforms: str = "train"
+    val_transforms: str = "test"
+    class_weights: Optional[dict[str, float]] = None
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # `field` is taken above
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    resume: Optional[str] = None
+    init_from: Optional[str] = None
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tasks: dict[str, TaskConfig] = field(default_factory=dict)
+    model: Any = None
+    freeze: Any = None
+    optimizer: Any = None
+    scheduler: Any = None
+    transforms: dict[str, Any] = field(default_factory=dict)
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+PRECISIONS = ("auto", "32", "bf16", "16")
+COMBINE_RULES = ("max", "mean", "sum")
+
+
+def check_config(cfg) -> None:
+    """Reject impossible values before any data is read, naming the key and the fix."""
+    t, d = cfg.trainer, cfg.data
+    if not cfg.tasks:
+        raise UserError("no task selected: choose one with task=identification|modifier|multi")
+    for key, value in (("trainer.epochs", t.epochs), ("trainer.batch_size", t.batch_size),
+                       ("trainer.checkpoint_interval", t.checkpoint_interval)):
+        if value < 1:
+            raise UserError(f"{key}={value} must be at least 1")
+    if t.patience < 0:
+        raise UserError(f"trainer.patience={t.patience} must be 0 (never stop early) or more")
+    if not 0.0 < d.val_split < 1.0:
+        raise UserError(f"data.val_split={d.val_split} must lie strictly between 0 and 1")
+    if d.image_size < 32:
+        raise UserError(f"data.image_size={d.image_size} is too small for the backbone: use 32 or more")
+    if len(d.background) != 3 or not all(0 <= c <= 255 for c in d.background):
+        raise UserError(f"data.background={list(d.background)} must be three values from 0 to 255")
+    if t.precision not in PRECISIONS:
+        raise UserError(f"trainer.precision={t.precision} is not one of {', '.join(PRECISIONS)}")
+    if t.combine_losses not in COMBINE_RULES:
+        raise UserError(f"trainer.combine_losses={t.combine_losses} is not one of {', '.join(COMBINE_RULES)}")
+    if t.num_workers != "auto" and not (t.num_workers.isdigit()):
+        raise UserError(f"trainer.num_workers={t.num_workers} must be auto or a whole number")
+    for key in ("lr", "lr_backbone", "lr_heads"):
+        lr = cfg.optimizer.get(key)
+        if lr is not None and lr <= 0:
+            raise UserError(f"optimizer.{key}={lr} must be greater than 0")
+    for name, task in cfg.tasks.items():
+        for key in ("train_transforms", "val_transforms"):
+            pipeline = task[key]
+            if pipeline not in cfg.transforms:
+                raise UserError(f"tasks.{name}.{key}={pipeline} is not a pipeline of transforms "
+                                f"(available: {', '.join(cfg.transforms)})")
+    for key in ("train_transforms", "val_transforms"):
+        chosen = {task[key] for task in cfg.tasks.values()}
+        if len(chosen) > 1:
+            raise UserError(f"the tasks ask for different {key} ({', '.join(sorted(chosen))}), but one "
+                            f"image feeds every head: set tasks.<task>.{key} to the same pipeline")

@@ -1,0 +1,261 @@
+"""Reading the annotation tool's files, the stratified split, and the training dataset.
+
+Images are decoded, composited on the background colour and resized to `data.image_size`
+once, up front; epochs then only augment small uint8 arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from balatro_train.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    file: str                  # the key in its labels file, unique within the dataset
+    path: Path                 # the image on disk
+    meta: dict                 # the labels entry: name, type, rarity, modifier, ...
+    parent: str | None = None  # for an augmented image, the original's file name
+
+
+def read_labels(labels_file: str | Path, root: str | Path, augmented: bool = False) -> list[Sample]:
+    """Read a labels.json (or augmented.json) exactly as the annotation tool writes it."""
+    labels_file = Path(labels_file)
+    if not labels_file.is_file():
+        raise UserError(f"{labels_file}: labels file not found; set dataset.labels_file "
+                        f"(or dataset.augmented_labels_files) to an existing file")
+    try:
+        entries = json.loads(labels_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{labels_file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(entries, dict):
+        raise UserError(f"{labels_file}: expected a JSON object mapping image file names to labels, "
+                        f"found a {type(entries).__name__}")
+    samples = []
+    for file, meta in entries.items():
+        if not isinstance(meta, dict):
+            raise UserError(f"{labels_file}: entry {file!r} is not an object of labels")
+        parent = meta.get("parent") if augmented else None
+        if augmented and not parent:
+            raise UserError(f"{labels_file}: augmented entry {file!r} has no 'parent'")
+        samples.append(Sample(file, resolve_image_path(file, meta, labels_file, Path(root)), meta, parent))
+    return samples
+
+
+def resolve_image_path(file: str, meta: dict, labels_file: Path, root: Path) -> Path:
+    """`full_path` if absolute; else relative to `root`; failing that, the file beside the labels."""
+    full_path = meta.get("full_path")
+    if full_path:
+        candidate = Path(full_path)
+        if candidate.is_absolute():
+            return candidate
+        if (root / candidate).is_file():
+            return root / candidate
+    return labels_file.parent / file
+
+
+def load_image(path: Path, size: int, background: tuple[int, int, int]) -> np.ndarray:
+    """Decode any PNG/JPEG (RGB, RGBA, palette, grey), flatten transparency, resize to size x size."""
+    with Image.open(path) as image:
+        image.load()
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")
+            flat = Image.new("RGBA", image.size, (*background, 255))
+            flat.alpha_composite(image)
+            image = flat
+        image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def load_images(samples: list[Sample], size: int, background, desc: str = "decoding") -> np.ndarray:
+    """Decode every sample once into one (N, size, size, 3) uint8 array; PIL releases the GIL."""
+    from tqdm import tqdm
+
+    def load(sample: Sample) -> np.ndarray:
+        try:
+            return load_image(sample.path, size, tuple(background))
+        except FileNotFoundError:
+            raise UserError(f"{sample.path}: image of {sample.file!r} not found; fix its full_path "
+                            f"or dataset.root") from None
+        except (OSError, ValueError) as e:
+            raise UserError(f"{sample.path}: not a readable image ({e}); replace or remove it") from None
+
+    images = np.empty((len(samples), size, size, 3), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for i, array in enumerate(tqdm(pool.map(load, samples), total=len(samples), desc=desc,
+                                       leave=False, disable=None)):
+            images[i] = array
+    return images
+
+
+def split_samples(originals: list[Sample], augmented: list[Sample], field: str, val_split: float,
+                  seed: int) -> tuple[list[str], list[str]]:
+    """Stratified split by `field`; returns (train files, validation files).
+
+    Each class sends round(val_split * n) of its originals to validation, at least one when
+    it has two or more. Augmented images never validate, and an augmented copy of a
+    validation image never trains: that would measure memorisation, not recognition.
+    """
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for sample in originals:
+        by_class[sample.meta[field]].append(sample.file)
+    rng = np.random.default_rng(seed)
+    val: set[str] = set()
+    for label in sorted(by_class):
+        files = sorted(by_class[label])
+        if len(files) < 2:
+            continue
+        n_val = min(len(files) - 1, max(1, math.floor(val_split * len(files) + 0.5)))
+        val.update(files[i] for i in rng.permutation(len(files))[:n_val])
+    known = {sample.file for sample in originals}
+    for sample in augmented:
+        if sample.parent not in known:
+            raise UserError(f"augmented image {sample.file!r} names parent {sample.parent!r}, which no "
+                            f"labels file lists; fix its 'parent' or add the original")
+    train = [s.file for s in originals if s.file not in val]
+    train += [s.file for s in augmented if s.parent not in val]
+    return train, [s.file for s in originals if s.file in val]
+
+
+def check_fields(samples: list[Sample], tasks: dict, labels_files: list[str]) -> None:
+    for sample in samples:
+        for task_name, task in tasks.items():
+            if task.field not in sample.meta:
+                raise UserError(f"entry {sample.file!r} (from {', '.join(labels_files)}) has no "
+                                f"{task.field!r} field, needed by task {task_name!r}")
+
+
+def class_names_of(samples: list[Sample], field: str) -> list[str]:
+    return sorted({str(sample.meta[field]) for sample in samples})
+
+
+class CardDataset(Dataset):
+    """Pre-decoded uint8 images plus one integer target per task.
+
+    Items are requested as (index, seed): the seed re-seeds the albumentations pipeline, so
+    an image's augmentation depends only on the sampler's draw, not on worker processes,
+    and an interrupted run resumes with exactly the same augmentations.
+    """
+
+    def __init__(self, images: np.ndarray, targets: dict[str, torch.Tensor], pipeline):
+        self.images, self.targets, self.pipeline = images, targets, pipeline
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, 0)
+        self.pipeline.set_random_seed(seed)
+        image = self.pipeline(image=self.images[index])["image"]
+        return image, {task: targets[index] for task, targets in self.targets.items()}
+
+
+class EpochSampler(Sampler):
+    """Draws an epoch's (index, augmentation seed) pairs from the run seed and the epoch alone.
+
+    Shuffles, or with `weights` draws with replacement so that classes come up evenly.
+    Like DistributedSampler, call `set_epoch` before each epoch; nothing else carries state,
+    which is what makes resume exact.
+    """
+
+    def __init__(self, num_samples: int, seed: int, weights: torch.Tensor | None = None):
+        self.num_samples, self.seed, self.weights, self.epoch = num_samples, seed, weights, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
+        seeds = torch.randint(0, 2**31 - 1, (self.num_samples,), generator=generator)
+        return iter(zip(order.tolist(), seeds.tolist()))
+
+
+def balanced_weights(labels: list[str]) -> torch.Tensor:
+    """Per-sample weights that make every class equally likely to be drawn."""
+    counts = Counter(labels)
+    return torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.double)
+
+
+@dataclass
+class Data:
+    train: CardDataset
+    val: CardDataset
+    class_names: dict[str, list[str]]     # per task, in label-index order
+    split: dict[str, list[str]]           # {"train": [...], "val": [...]} file names
+    train_labels: list[str]               # the stratifying task's label of each training sample
+
+
+def build_data(cfg, class_names: dict[str, list[str]] | None = None,
+               split: dict[str, list[str]] | None = None) -> Data:
+    """Read the labels, split (or reuse a saved split), fix class indices, decode the images."""
+    from hydra.utils import instantiate
+
+    ds, tasks = cfg.dataset, cfg.tasks
+    originals = read_labels(ds.labels_file, ds.root)
+    augmented = [s for f in ds.augmented_labels_files for s in read_labels(f, ds.root, augmented=True)]
+    check_fields(originals + augmented, tasks, [ds.labels_file, *ds.augmented_labels_files])
+    by_file = {s.file: s for s in originals + augmented}
+    if not originals:
+        raise UserError(f"{ds.labels_file}: the dataset is empty; label some images first")
+
+    stratify_field = next(iter(tasks.values())).field
+    if split is None:
+        train_files, val_files = split_samples(originals, augmented, stratify_field, cfg.data.val_split, cfg.seed)
+        split = {"train": train_files, "val": val_files}
+    missing = [f for f in split["train"] + split["val"] if f not in by_file]
+    if missing:
+        raise UserError(f"the saved split lists {len(missing)} images no labels file has now "
+                        f"(e.g. {missing[0]!r}); resume with the same dataset")
+    if not split["val"]:
+        raise UserError("no class has two or more original images, so nothing is left to validate "
+                        "on; label more images per card")
+
+    train_samples = [by_file[f] for f in split["train"]]
+    val_samples = [by_file[f] for f in split["val"]]
+    if class_names is None:
+        class_names = {task: class_names_of(originals + augmented, t.field) for task, t in tasks.items()}
+    targets = {}
+    for task, t in tasks.items():
+        index = {name: i for i, name in enumerate(class_names[task])}
+        unknown = sorted({str(s.meta[t.field]) for s in train_samples + val_samples} - index.keys())
+        if unknown:
+            raise UserError(f"task {task}: the data has classes the checkpoint does not know: "
+                            f"{', '.join(unknown[:10])}; train without init_from/resume or fix the labels")
+        untrained = sorted({str(s.meta[t.field]) for s in val_samples}
+                           - {str(s.meta[t.field]) for s in train_samples})
+        if untrained:
+            raise UserError(f"task {task}: classes with no training sample after the split: "
+                            f"{', '.join(untrained[:10])}; label more images of them or lower data.val_split")
+        targets[task] = {part: torch.tensor([index[str(s.meta[t.field])] for s in samples])
+                         for part, samples in (("train", train_samples), ("val", val_samples))}
+
+    first = next(iter(tasks.values()))
+    size, background = cfg.data.image_size, cfg.data.background
+    train = CardDataset(load_images(train_samples, size, background, "decoding train"),
+                        {task: t["train"] for task, t in targets.items()},
+                        instantiate(cfg.transforms[first.train_transforms]))
+    val = CardDataset(load_images(val_samples, size, background, "decoding val"),
+                      {task: t["val"] for task, t in targets.items()},
+                      instantiate(cfg.transforms[first.val_transforms]))
+    return Data(train, val, dict(class_names), split, [str(s.meta[stratify_field]) for s in train_samples])

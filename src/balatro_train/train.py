@@ -1,0 +1,293 @@
+"""The training run: `python -m balatro_train` (or `balatro-train`) with Hydra overrides.
+
+Read top to bottom: `main` -> `train` (set-up, then the epoch loop) -> `train_one_epoch` and
+`validate`. Everything configurable is built from `conf/` with `hydra.utils.instantiate`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from balatro_train import config  # noqa: F401  (registers the structured config)
+from balatro_train.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from balatro_train.config import check_config
+from balatro_train.data import EpochSampler, balanced_weights, build_data
+from balatro_train.errors import UserError
+from balatro_train.metrics import build_metrics, confusion_figure, split_results
+from balatro_train.model import keep_frozen_batchnorm_in_eval, parameter_groups
+
+log = logging.getLogger("balatro_train")
+# conf/ sits at the top of the checkout, beside src/ (the project is installed editable).
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Hydra's task function; returns the best combined validation loss, for sweepers."""
+    try:
+        return train(cfg)
+    except UserError as e:
+        log.error("%s", e)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        sys.exit(2)
+
+
+def train(cfg: DictConfig) -> float:
+    check_config(cfg)
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    amp_dtype = resolve_precision(cfg.trainer.precision, device)
+
+    # A resumed run continues with its own split, class indices and state; init_from takes
+    # only the weights (and the class names, so that label indices keep their meaning).
+    resumed = load_checkpoint(cfg.resume, "resume") if cfg.resume else None
+    init = load_checkpoint(cfg.init_from, "init_from") if cfg.init_from else None
+    source = resumed or init
+    if source is not None:
+        check_same_tasks(source, cfg, "resume" if resumed else "init_from")
+
+    if cfg.dataset.render is not None:
+        instantiate(cfg.dataset.render)
+    data = build_data(cfg, source and source["class_names"], resumed and resumed["split"])
+    (out_dir / "split.json").write_text(json.dumps(data.split, indent=1))
+    log.info("data: %d training and %d validation images; classes: %s", len(data.train), len(data.val),
+             ", ".join(f"{task} {len(names)}" for task, names in data.class_names.items()))
+
+    model = instantiate(cfg.model, num_classes={t: len(n) for t, n in data.class_names.items()})
+    if source is not None:
+        model.load_state_dict(source["model"])
+    instantiate(cfg.freeze)(model)
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+
+    optimizer_cfg = OmegaConf.to_container(cfg.optimizer)
+    groups = parameter_groups(model, optimizer_cfg.pop("lr_backbone", None), optimizer_cfg.pop("lr_heads", None))
+    optimizer = instantiate(optimizer_cfg)(groups)
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fns = {task: nn.CrossEntropyLoss(weight=class_weights(task, cfg.tasks[task], names)).to(device)
+                for task, names in data.class_names.items()}
+    metrics = {task: build_metrics(task, cfg.tasks[task].metrics, len(names)).to(device)
+               for task, names in data.class_names.items()}
+
+    train_loader, val_loader = make_loaders(cfg, data, device)
+    start_epoch, best_loss, bad_epochs, history = 1, math.inf, 0, []
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        scaler.load_state_dict(resumed["scaler"])
+        restore_rng_state(resumed["rng"])
+        start_epoch, best_loss = resumed["epoch"] + 1, resumed["best_val_loss"]
+        bad_epochs, history = resumed["bad_epochs"], resumed["history"]
+        log.info("resuming from %s at epoch %d", cfg.resume, start_epoch)
+
+    metrics_file = out_dir / "metrics.jsonl"
+    metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
+    checkpoints = out_dir / "checkpoints"
+    writer = SummaryWriter(out_dir / "tb")
+    log.info("training on %s, precision %s, %s", device, str(amp_dtype or torch.float32).replace("torch.", ""),
+             f"output in {out_dir}")
+
+    for epoch in range(start_epoch, cfg.trainer.epochs + 1):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[-1]["lr"]
+        train_loader.sampler.set_epoch(epoch)
+        train_losses = train_one_epoch(model, train_loader, optimizer, scaler, loss_fns, device, amp_dtype,
+                                       memory_format, desc=f"epoch {epoch}/{cfg.trainer.epochs}")
+        val_losses, results = validate(model, val_loader, loss_fns, metrics, device, amp_dtype, memory_format)
+        seconds = time.perf_counter() - started
+
+        combine = {"max": max, "mean": lambda v: sum(v) / len(v), "sum": sum}[cfg.trainer.combine_losses]
+        val_loss = combine(list(val_losses.values()))
+        row = {"epoch": epoch, "train_loss": combine(list(train_losses.values())), "val_loss": val_loss,
+               "lr": lr, "epoch_seconds": round(seconds, 3),
+               "train_images_per_sec": round(len(data.train) / seconds, 2)}
+        matrices = {}
+        for task in loss_fns:
+            scalars, matrices[task] = split_results(results[task])
+            row[f"{task}/train_loss"], row[f"{task}/val_loss"] = train_losses[task], val_losses[task]
+            row.update({f"{task}/{name}": value for name, value in scalars.items()})
+        if not all(math.isfinite(row[k]) for k in ("train_loss", "val_loss")):
+            raise UserError(f"epoch {epoch}: the loss became {row['train_loss']} / {row['val_loss']}; "
+                            f"lower the learning rate (optimizer.lr) or use trainer.precision=32. "
+                            f"The last good checkpoint is {checkpoints / 'last.pt'}")
+
+        improved = val_loss < best_loss
+        best_loss, bad_epochs = (val_loss, 0) if improved else (best_loss, bad_epochs + 1)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val_loss)
+        else:
+            scheduler.step()
+        history.append(row)
+        with metrics_file.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+        state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "best_val_loss": best_loss,
+                 "bad_epochs": bad_epochs, "history": history, "rng": rng_state(),
+                 "class_names": data.class_names, "fields": {t: cfg.tasks[t].field for t in cfg.tasks},
+                 "split": data.split, "pretrained_loaded": model.pretrained_loaded,
+                 "config": OmegaConf.to_container(cfg, resolve=True)}
+        paths = [checkpoints / "last.pt"]
+        paths += [checkpoints / "best.pt"] if improved else []
+        paths += [checkpoints / f"epoch_{epoch:03d}.pt"] if epoch % cfg.trainer.checkpoint_interval == 0 else []
+        save_checkpoint(state, paths)
+
+        for key, value in row.items():
+            if key != "epoch":
+                writer.add_scalar(key, value, epoch)
+        for task, task_matrices in matrices.items():
+            for name, matrix in task_matrices.items():
+                writer.add_figure(f"{task}/{name}", confusion_figure(matrix, data.class_names[task],
+                                                                     f"{task} {name}, epoch {epoch}"), epoch)
+        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f%s  %s  lr %.2e  %.1fs  %.0f img/s",
+                 epoch, cfg.trainer.epochs, row["train_loss"], val_loss, " *" if improved else "",
+                 "  ".join(f"{t}/top1 {row[f'{t}/top1_acc']:.3f}" for t in loss_fns if f"{t}/top1_acc" in row),
+                 lr, seconds, row["train_images_per_sec"])
+        if cfg.trainer.patience and bad_epochs >= cfg.trainer.patience:
+            log.info("early stop: val_loss has not improved for %d epochs", bad_epochs)
+            break
+
+    best_row = min(history, key=lambda r: r["val_loss"])
+    writer.add_hparams(hparams(cfg), {f"hparam/{k}": v for k, v in best_row.items()
+                                      if k.endswith(("val_loss", "top1_acc"))}, run_name=".")
+    writer.close()
+    log.info("best val_loss %.4f at epoch %d: %s", best_loss, best_row["epoch"], checkpoints / "best.pt")
+    return best_loss
+
+
+def train_one_epoch(model, loader, optimizer, scaler, loss_fns, device, amp_dtype, memory_format, desc):
+    model.train()
+    keep_frozen_batchnorm_in_eval(model)
+    # Losses accumulate on the device: reading one back would stall the device every step.
+    totals = {task: torch.zeros((), device=device) for task in loss_fns}
+    seen = 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=None)
+    for step, (images, targets) in enumerate(bar):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = model(images)
+            losses = {task: fn(outputs[task].float(), targets[task].to(device, non_blocking=True))
+                      for task, fn in loss_fns.items()}
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(sum(losses.values())).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        for task, loss in losses.items():
+            totals[task] += loss.detach() * len(images)
+        seen += len(images)
+        if step % 25 == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{sum(totals.values()).item() / seen:.4f}")
+    return {task: total.item() / seen for task, total in totals.items()}
+
+
+@torch.no_grad()
+def validate(model, loader, loss_fns, metrics, device, amp_dtype, memory_format):
+    """One pass over the validation data gives every task's loss and metrics."""
+    model.eval()
+    totals = {task: torch.zeros((), device=device) for task in loss_fns}
+    seen = 0
+    for metric in metrics.values():
+        metric.reset()
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = model(images)
+        for task, fn in loss_fns.items():
+            logits, target = outputs[task].float(), targets[task].to(device, non_blocking=True)
+            totals[task] += fn(logits, target) * len(images)
+            metrics[task].update(logits, target)
+        seen += len(images)
+    return ({task: total.item() / seen for task, total in totals.items()},
+            {task: metric.compute() for task, metric in metrics.items()})
+
+
+def make_loaders(cfg, data, device) -> tuple[DataLoader, DataLoader]:
+    workers = cfg.trainer.num_workers
+    workers = (0 if (os.cpu_count() or 1) <= 2 else min(8, os.cpu_count() // 2)) if workers == "auto" else int(workers)
+    weights = balanced_weights(data.train_labels) if cfg.data.weighted_sampler else None
+    common = dict(batch_size=cfg.trainer.batch_size, num_workers=workers, persistent_workers=workers > 0,
+                  pin_memory=device.type == "cuda")
+    train_loader = DataLoader(data.train, sampler=EpochSampler(len(data.train), cfg.seed, weights), **common)
+    return train_loader, DataLoader(data.val, shuffle=False, **common)
+
+
+def class_weights(task: str, task_cfg, names: list[str]) -> torch.Tensor | None:
+    """Loss weights given by class name in the task YAML; classes not named weigh 1."""
+    if not task_cfg.class_weights:
+        return None
+    unknown = sorted(set(task_cfg.class_weights) - set(names))
+    if unknown:
+        raise UserError(f"tasks.{task}.class_weights names unknown classes {unknown} "
+                        f"(known: {', '.join(names[:20])})")
+    return torch.tensor([float(task_cfg.class_weights.get(name, 1.0)) for name in names])
+
+
+def check_same_tasks(checkpoint: dict, cfg, key: str) -> None:
+    fields = {task: t.field for task, t in cfg.tasks.items()}
+    if checkpoint["fields"] != fields:
+        raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint was trained for tasks {checkpoint['fields']}, "
+                        f"this run has {fields}; pick the same task=...")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but no CUDA device is visible; use trainer.device=auto or cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"trainer.device={name} is not a device: use auto, cpu, cuda or cuda:N") from None
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32. `auto` takes bf16 where the hardware runs it fast."""
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "16"
+        else:
+            precision = "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "32"
+    return {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
+
+
+def hparams(cfg) -> dict:
+    """The run's strategy choices and main numbers, for TensorBoard's HPARAMS view."""
+    choices = HydraConfig.get().runtime.choices
+    values = {group: choices.get(group) for group in ("dataset", "task", "model", "freeze", "optimizer", "scheduler")}
+    values.update({"seed": cfg.seed, "image_size": cfg.data.image_size, "batch_size": cfg.trainer.batch_size,
+                   "epochs": cfg.trainer.epochs, "precision": cfg.trainer.precision,
+                   "weighted_sampler": cfg.data.weighted_sampler})
+    values.update({f"optimizer.{k}": v for k, v in cfg.optimizer.items() if k.startswith("lr")})
+    return {k: v for k, v in values.items() if v is not None}
+
+
+if __name__ == "__main__":
+    main()
