@@ -52,7 +52,7 @@ class TaskConfig:
     field: str = "name"
     train_transforms: str = "train"
     val_transforms: str = "test"
-    class_weights: Optional[dict[str, float]] = None
+    class_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # `field` is taken above
 
 

@@ -1,0 +1,174 @@
+"""End-to-end training runs on tiny data, driven through the command line as a user would."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_cli, run_dirs, tiny_overrides
+
+TIMING_KEYS = {"epoch_seconds", "train_images_per_sec"}
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(rows):
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def test_single_run_leaves_a_complete_run_folder(dataset, tmp_path):
+    data, root = dataset
+    run_cli([*tiny_overrides(data, root), "trainer.epochs=4", "trainer.checkpoint_interval=2"], cwd=tmp_path)
+    [run] = run_dirs(tmp_path)
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "train.log", "split.json",
+                 "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/epoch_002.pt", "checkpoints/epoch_004.pt"):
+        assert (run / name).is_file(), name
+    assert not (run / "checkpoints/epoch_003.pt").exists()
+    assert list((run / "tb").rglob("events.out.tfevents.*"))
+
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    for key in ("train_loss", "val_loss", "lr", "epoch_seconds", "train_images_per_sec",
+                "identification/train_loss", "identification/val_loss", "identification/top1_acc",
+                "identification/top3_acc", "identification/precision", "identification/recall",
+                "identification/f1", "modifier/train_loss", "modifier/val_loss", "modifier/top1_acc"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert "modifier/confusion_matrix" not in rows[0]  # a matrix is a TensorBoard figure, not a number
+    # The combined losses use the default rule, max over tasks.
+    assert rows[0]["val_loss"] == max(rows[0]["identification/val_loss"], rows[0]["modifier/val_loss"])
+    # The data is easy: training must make progress.
+    assert rows[-1]["train_loss"] < 0.7 * rows[0]["train_loss"]
+
+    best = torch.load(run / "checkpoints/best.pt", weights_only=True)
+    assert best["epoch"] == min(rows, key=lambda r: r["val_loss"])["epoch"]
+    assert best["class_names"] == {"identification": ["Joker_001", "Joker_002", "Mercury", "The Fool"],
+                                   "modifier": ["Base", "Foil", "Negative"]}
+    assert best["pretrained_loaded"] is False and best["config"]["data"]["image_size"] == 32
+    for key in ("model", "optimizer", "scheduler", "scaler", "best_val_loss", "bad_epochs", "rng"):
+        assert key in best
+    assert "Traceback" not in (run / "train.log").read_text()
+
+
+def test_split_keeps_augmented_copies_of_validation_images_out_of_training(dataset, tmp_path):
+    data, root = dataset
+    run_cli([*tiny_overrides(data, root), "trainer.epochs=1"], cwd=tmp_path)
+    [run] = run_dirs(tmp_path)
+    split = json.loads((run / "split.json").read_text())
+    labels = json.loads(data["labels_file"].read_text())
+    augmented = json.loads(data["augmented"].read_text())
+    assert set(split["val"]) <= set(labels)  # originals only
+    for file in split["train"]:
+        if file in augmented:
+            assert augmented[file]["parent"] not in split["val"]
+    # every class (4 originals each) sends round(0.2 * 4) = 1 original to validation
+    names = sorted(labels[f]["name"] for f in split["val"])
+    assert names == sorted({v["name"] for v in labels.values()})
+    # augmented copies of training images do train
+    assert any(f in augmented for f in split["train"])
+
+
+def test_resume_continues_where_the_run_stopped(dataset, tmp_path):
+    data, root = dataset
+    base = [*tiny_overrides(data, root), "trainer.epochs=4", "trainer.checkpoint_interval=2"]
+    run_cli(base, cwd=tmp_path)
+    [full] = run_dirs(tmp_path)
+    run_cli([*base, f"resume={full / 'checkpoints/epoch_002.pt'}"], cwd=tmp_path)
+    resumed = [d for d in run_dirs(tmp_path) if d != full][0]
+    assert "resuming from" in (resumed / "train.log").read_text()
+    assert json.loads((resumed / "split.json").read_text()) == json.loads((full / "split.json").read_text())
+    assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(full))
+
+
+def test_rerun_from_saved_config_reproduces_the_metrics(dataset, tmp_path):
+    data, root = dataset
+    run_cli([*tiny_overrides(data, root), "optimizer=group", "scheduler=step", "trainer.epochs=2"], cwd=tmp_path)
+    [first] = run_dirs(tmp_path)
+    run_cli(["--config-dir", str(first / ".hydra"), "--config-name", "config"], cwd=tmp_path)
+    second = [d for d in run_dirs(tmp_path) if d != first][0]
+    saved = yaml.safe_load((second / ".hydra/config.yaml").read_text())
+    assert saved["optimizer"]["_target_"] == "torch.optim.AdamW" and saved["data"]["image_size"] == 32
+    assert without_timing(read_metrics(second)) == without_timing(read_metrics(first))
+
+
+def test_multirun_sweep_leaves_one_self_contained_folder_per_job(dataset, tmp_path):
+    data, root = dataset
+    run_cli(["-m", "optimizer=simple,group", "freeze=all,high", *tiny_overrides(data, root), "trainer.epochs=1"],
+            cwd=tmp_path)
+    jobs = sorted(p for p in (tmp_path / "outputs/multirun").glob("*/*/*") if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        for name in (".hydra/config.yaml", "metrics.jsonl", "split.json", "checkpoints/last.pt"):
+            assert (job / name).is_file(), (job, name)
+        overrides = yaml.safe_load((job / ".hydra/overrides.yaml").read_text())
+        seen.add(tuple(sorted(o for o in overrides if o.startswith(("optimizer=", "freeze=")))))
+    assert len(seen) == 4
+
+
+def test_freeze_all_trains_only_the_heads_and_keeps_batchnorm_statistics(dataset, tmp_path):
+    data, root = dataset
+    run_cli([*tiny_overrides(data, root), "freeze=all", "trainer.epochs=2", "trainer.checkpoint_interval=1"],
+            cwd=tmp_path)
+    [run] = run_dirs(tmp_path)
+    first = torch.load(run / "checkpoints/epoch_001.pt", weights_only=True)["model"]
+    second = torch.load(run / "checkpoints/epoch_002.pt", weights_only=True)["model"]
+    backbone = [k for k in first if k.startswith("backbone.")]
+    assert any(k.endswith("running_mean") for k in backbone)
+    assert all(torch.equal(first[k], second[k]) for k in backbone)
+    assert not torch.equal(first["heads.identification.weight"], second["heads.identification.weight"])
+
+
+def test_a_new_task_is_one_yaml_file(dataset, tmp_path):
+    data, root = dataset
+    extra = tmp_path / "my_conf"
+    (extra / "task").mkdir(parents=True)
+    (extra / "task" / "card_type.yaml").write_text(
+        "# @package _global_\n"
+        "tasks:\n"
+        "  card_type:\n"
+        "    field: type\n"
+        "    metrics:\n"
+        "      top1_acc: {_target_: torchmetrics.classification.MulticlassAccuracy, _partial_: true, average: micro}\n")
+    run_cli([*tiny_overrides(data, root), f"hydra.searchpath=[file://{extra}]", "task=card_type",
+             "trainer.epochs=1"], cwd=tmp_path)
+    [run] = run_dirs(tmp_path)
+    [row] = read_metrics(run)
+    assert 0.0 <= row["card_type/top1_acc"] <= 1.0 and "identification/top1_acc" not in row
+    assert torch.load(run / "checkpoints/last.pt", weights_only=True)["class_names"] == {"card_type": ["Joker", "Tarot"]}
+
+
+def test_single_task_with_weighted_sampler_and_class_weights_by_name(dataset, tmp_path):
+    data, root = dataset
+    run_cli([*tiny_overrides(data, root), "task=modifier", "data.weighted_sampler=true",
+             "+tasks.modifier.class_weights.Negative=3.0", "scheduler=plateau", "trainer.epochs=2"], cwd=tmp_path)
+    [run] = run_dirs(tmp_path)
+    rows = read_metrics(run)
+    assert set(rows[0]) >= {"modifier/top1_acc", "modifier/val_loss"} and "identification/val_loss" not in rows[0]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.epochs=0", "trainer.epochs=0 must be at least 1"),
+    ("optimizer.lr=-1", "optimizer.lr=-1 must be greater than 0"),
+    ("data.val_split=1.5", "data.val_split=1.5 must lie strictly between 0 and 1"),
+    ("tasks.modifier.train_transforms=sparkle", "tasks.modifier.train_transforms=sparkle is not a pipeline"),
+])
+def test_impossible_values_fail_early_with_one_line(dataset, tmp_path, override, message):
+    data, root = dataset
+    result = run_cli([*tiny_overrides(data, root), override], cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_unknown_key_and_wrong_type_are_refused_by_the_structured_config(dataset, tmp_path):
+    data, root = dataset
+    for override, key in (("trainer.epoch=3", "epoch"), ("trainer.batch_size=many", "batch_size")):
+        result = run_cli([*tiny_overrides(data, root), override], cwd=tmp_path, check=False)
+        assert result.returncode != 0 and key in result.stderr
+        assert not (tmp_path / "outputs").exists()  # nothing ran
