@@ -32,6 +32,7 @@ class DataConfig:
     val_split: float = 0.2
     weighted_sampler: bool = False
     background: list[int] = field(default_factory=lambda: [0, 0, 0])
+    on_bad_image: str = "error"
 
 
 @dataclass
@@ -95,6 +96,8 @@ def check_config(cfg) -> None:
         raise UserError(f"data.image_size={d.image_size} is too small for the backbone: use 32 or more")
     if len(d.background) != 3 or not all(0 <= c <= 255 for c in d.background):
         raise UserError(f"data.background={list(d.background)} must be three values from 0 to 255")
+    if d.on_bad_image not in ("error", "skip"):
+        raise UserError(f"data.on_bad_image={d.on_bad_image} must be error or skip")
     if t.precision not in PRECISIONS:
         raise UserError(f"trainer.precision={t.precision} is not one of {', '.join(PRECISIONS)}")
     if t.combine_losses not in COMBINE_RULES:

@@ -81,25 +81,33 @@ def load_image(path: Path, size: int, background: tuple[int, int, int]) -> np.nd
     return np.asarray(image, dtype=np.uint8)
 
 
-def load_images(samples: list[Sample], size: int, background, desc: str = "decoding") -> np.ndarray:
-    """Decode every sample once into one (N, size, size, 3) uint8 array; PIL releases the GIL."""
+def load_images(samples: list[Sample], size: int, background) -> tuple[np.ndarray, dict[str, str]]:
+    """Decode every sample once into one (N, size, size, 3) uint8 array (PIL releases the GIL).
+
+    Returns the array and {file: problem} for images that are missing or unreadable
+    (zero bytes, truncated, not an image); their rows stay black.
+    """
     from tqdm import tqdm
 
-    def load(sample: Sample) -> np.ndarray:
+    def load(sample: Sample) -> np.ndarray | str:
         try:
             return load_image(sample.path, size, tuple(background))
         except FileNotFoundError:
-            raise UserError(f"{sample.path}: image of {sample.file!r} not found; fix its full_path "
-                            f"or dataset.root") from None
-        except (OSError, ValueError) as e:
-            raise UserError(f"{sample.path}: not a readable image ({e}); replace or remove it") from None
+            return "not found"
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
+            return f"not a readable image ({type(e).__name__}: {e})"
 
-    images = np.empty((len(samples), size, size, 3), dtype=np.uint8)
+    images = np.zeros((len(samples), size, size, 3), dtype=np.uint8)
+    bad = {}
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for i, array in enumerate(tqdm(pool.map(load, samples), total=len(samples), desc=desc,
-                                       leave=False, disable=None)):
-            images[i] = array
-    return images
+        results = tqdm(pool.map(load, samples), total=len(samples), desc="decoding images", leave=False,
+                       disable=None)
+        for i, (sample, result) in enumerate(zip(samples, results)):
+            if isinstance(result, str):
+                bad[sample.file] = f"{sample.path}: {result}"
+            else:
+                images[i] = result
+    return images, bad
 
 
 def split_samples(originals: list[Sample], augmented: list[Sample], field: str, val_split: float,
@@ -121,11 +129,6 @@ def split_samples(originals: list[Sample], augmented: list[Sample], field: str, 
             continue
         n_val = min(len(files) - 1, max(1, math.floor(val_split * len(files) + 0.5)))
         val.update(files[i] for i in rng.permutation(len(files))[:n_val])
-    known = {sample.file for sample in originals}
-    for sample in augmented:
-        if sample.parent not in known:
-            raise UserError(f"augmented image {sample.file!r} names parent {sample.parent!r}, which no "
-                            f"labels file lists; fix its 'parent' or add the original")
     train = [s.file for s in originals if s.file not in val]
     train += [s.file for s in augmented if s.parent not in val]
     return train, [s.file for s in originals if s.file in val]
@@ -173,13 +176,14 @@ class EpochSampler(Sampler):
     """
 
     def __init__(self, num_samples: int, seed: int, weights: torch.Tensor | None = None):
-        self.num_samples, self.seed, self.weights, self.epoch = num_samples, seed, weights, 0
+        self.num_samples, self.seed, self.weights, self.epoch, self.start = num_samples, seed, weights, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """`start` skips the epoch's first draws: those an interrupted run had already trained on."""
+        self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples - self.start
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -188,7 +192,7 @@ class EpochSampler(Sampler):
         else:
             order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
         seeds = torch.randint(0, 2**31 - 1, (self.num_samples,), generator=generator)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        return iter(list(zip(order.tolist(), seeds.tolist()))[self.start:])
 
 
 def balanced_weights(labels: list[str]) -> torch.Tensor:
@@ -204,28 +208,47 @@ class Data:
     class_names: dict[str, list[str]]     # per task, in label-index order
     split: dict[str, list[str]]           # {"train": [...], "val": [...]} file names
     train_labels: list[str]               # the stratifying task's label of each training sample
+    skipped: dict[str, str]               # unreadable images left out (data.on_bad_image=skip)
 
 
 def build_data(cfg, class_names: dict[str, list[str]] | None = None,
                split: dict[str, list[str]] | None = None) -> Data:
-    """Read the labels, split (or reuse a saved split), fix class indices, decode the images."""
+    """Read the labels, decode every image once, split (or reuse a saved split), index the classes."""
     from hydra.utils import instantiate
 
     ds, tasks = cfg.dataset, cfg.tasks
     originals = read_labels(ds.labels_file, ds.root)
-    augmented = [s for f in ds.augmented_labels_files for s in read_labels(f, ds.root, augmented=True)]
-    check_fields(originals + augmented, tasks, [ds.labels_file, *ds.augmented_labels_files])
-    by_file = {s.file: s for s in originals + augmented}
     if not originals:
         raise UserError(f"{ds.labels_file}: the dataset is empty; label some images first")
+    augmented = [s for f in ds.augmented_labels_files for s in read_labels(f, ds.root, augmented=True)]
+    check_fields(originals + augmented, tasks, [ds.labels_file, *ds.augmented_labels_files])
+    known = {sample.file for sample in originals}
+    for sample in augmented:
+        if sample.parent not in known:
+            raise UserError(f"augmented image {sample.file!r} names parent {sample.parent!r}, which "
+                            f"{ds.labels_file} does not list; fix its 'parent' or add the original")
+    everything = originals + augmented
+    images, bad = load_images(everything, cfg.data.image_size, cfg.data.background)
+    if bad and cfg.data.on_bad_image == "error":
+        first = next(iter(bad.values()))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"{first}{more}; fix or remove it, or set data.on_bad_image=skip to train without it")
+    for problem in bad.values():
+        log.warning("skipping %s", problem)
+    originals = [s for s in originals if s.file not in bad]
+    augmented = [s for s in augmented if s.file not in bad]
+    if not originals:
+        raise UserError(f"{ds.labels_file}: no usable original image is left; label some images first")
+    row = {s.file: i for i, s in enumerate(everything)}
 
     stratify_field = next(iter(tasks.values())).field
     if split is None:
         train_files, val_files = split_samples(originals, augmented, stratify_field, cfg.data.val_split, cfg.seed)
         split = {"train": train_files, "val": val_files}
+    by_file = {s.file: s for s in originals + augmented}
     missing = [f for f in split["train"] + split["val"] if f not in by_file]
     if missing:
-        raise UserError(f"the saved split lists {len(missing)} images no labels file has now "
+        raise UserError(f"the saved split lists {len(missing)} images that are missing or unreadable now "
                         f"(e.g. {missing[0]!r}); resume with the same dataset")
     if not split["val"]:
         raise UserError("no class has two or more original images, so nothing is left to validate "
@@ -251,11 +274,11 @@ def build_data(cfg, class_names: dict[str, list[str]] | None = None,
                          for part, samples in (("train", train_samples), ("val", val_samples))}
 
     first = next(iter(tasks.values()))
-    size, background = cfg.data.image_size, cfg.data.background
-    train = CardDataset(load_images(train_samples, size, background, "decoding train"),
+    train = CardDataset(images[[row[s.file] for s in train_samples]],
                         {task: t["train"] for task, t in targets.items()},
                         instantiate(cfg.transforms[first.train_transforms]))
-    val = CardDataset(load_images(val_samples, size, background, "decoding val"),
+    val = CardDataset(images[[row[s.file] for s in val_samples]],
                       {task: t["val"] for task, t in targets.items()},
                       instantiate(cfg.transforms[first.val_transforms]))
-    return Data(train, val, dict(class_names), split, [str(s.meta[stratify_field]) for s in train_samples])
+    return Data(train, val, dict(class_names), split, [str(s.meta[stratify_field]) for s in train_samples],
+                skipped=bad)

@@ -11,7 +11,9 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +52,30 @@ def main(cfg: DictConfig) -> float:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise
         sys.exit(2)
+    except Interrupted as e:
+        log.warning("%s", e)
+        sys.exit(130)
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the run at a step boundary, after saving last.pt."""
+
+
+def stop_on_signals() -> threading.Event:
+    """The first Ctrl-C or SIGTERM asks the loop to stop at the next step; a second one quits at once."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set():
+            os._exit(130)
+        stop.set()
+        log.warning("%s: stopping after this step and saving last.pt (again to quit at once)",
+                    signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+    return stop
 
 
 def train(cfg: DictConfig) -> float:
@@ -71,6 +97,8 @@ def train(cfg: DictConfig) -> float:
         instantiate(cfg.dataset.render)
     data = build_data(cfg, source and source["class_names"], resumed and resumed["split"])
     (out_dir / "split.json").write_text(json.dumps(data.split, indent=1))
+    if data.skipped:
+        (out_dir / "skipped_images.json").write_text(json.dumps(data.skipped, indent=1))
     log.info("data: %d training and %d validation images; classes: %s", len(data.train), len(data.val),
              ", ".join(f"{task} {len(names)}" for task, names in data.class_names.items()))
 
@@ -93,14 +121,16 @@ def train(cfg: DictConfig) -> float:
 
     train_loader, val_loader = make_loaders(cfg, data, device)
     start_epoch, best_loss, bad_epochs, history = 1, math.inf, 0, []
+    partial = None  # an epoch that an interrupt stopped part-way: {"seen": ..., "totals": ...}
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         scaler.load_state_dict(resumed["scaler"])
         restore_rng_state(resumed["rng"])
         start_epoch, best_loss = resumed["epoch"] + 1, resumed["best_val_loss"]
-        bad_epochs, history = resumed["bad_epochs"], resumed["history"]
-        log.info("resuming from %s at epoch %d", cfg.resume, start_epoch)
+        bad_epochs, history, partial = resumed["bad_epochs"], resumed["history"], resumed["partial_epoch"]
+        log.info("resuming from %s at epoch %d%s", cfg.resume, start_epoch,
+                 f", image {partial['seen']}" if partial else "")
 
     metrics_file = out_dir / "metrics.jsonl"
     metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
@@ -109,12 +139,31 @@ def train(cfg: DictConfig) -> float:
     log.info("training on %s, precision %s, %s", device, str(amp_dtype or torch.float32).replace("torch.", ""),
              f"output in {out_dir}")
 
+    def checkpoint_state(epoch: int, partial_epoch: dict | None = None) -> dict:
+        return {"epoch": epoch, "partial_epoch": partial_epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "best_val_loss": best_loss, "bad_epochs": bad_epochs,
+                "history": history, "rng": rng_state(), "class_names": data.class_names,
+                "fields": {t: cfg.tasks[t].field for t in cfg.tasks}, "split": data.split,
+                "pretrained_loaded": model.pretrained_loaded, "config": OmegaConf.to_container(cfg, resolve=True)}
+
+    stop = stop_on_signals()
     for epoch in range(start_epoch, cfg.trainer.epochs + 1):
         started = time.perf_counter()
         lr = optimizer.param_groups[-1]["lr"]
-        train_loader.sampler.set_epoch(epoch)
-        train_losses = train_one_epoch(model, train_loader, optimizer, scaler, loss_fns, device, amp_dtype,
-                                       memory_format, desc=f"epoch {epoch}/{cfg.trainer.epochs}")
+        totals = {task: torch.zeros((), device=device) for task in loss_fns}
+        seen = 0
+        if partial is not None:
+            totals, seen, partial = {t: v.to(device) for t, v in partial["totals"].items()}, partial["seen"], None
+        train_loader.sampler.set_epoch(epoch, start=seen)
+        seen = train_one_epoch(model, train_loader, optimizer, scaler, loss_fns, device, amp_dtype, memory_format,
+                               totals, seen, stop, desc=f"epoch {epoch}/{cfg.trainer.epochs}")
+        if stop.is_set():
+            save_checkpoint(checkpoint_state(epoch - 1, {"seen": seen, "totals": totals}), [checkpoints / "last.pt"])
+            raise Interrupted(f"interrupted in epoch {epoch} after {seen} images; to resume: python -m "
+                              f"balatro_train --config-dir {out_dir / '.hydra'} --config-name config "
+                              f"resume={checkpoints / 'last.pt'}")
+        train_losses = {task: total.item() / seen for task, total in totals.items()}
         val_losses, results = validate(model, val_loader, loss_fns, metrics, device, amp_dtype, memory_format)
         seconds = time.perf_counter() - started
 
@@ -143,16 +192,10 @@ def train(cfg: DictConfig) -> float:
         with metrics_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-        state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "best_val_loss": best_loss,
-                 "bad_epochs": bad_epochs, "history": history, "rng": rng_state(),
-                 "class_names": data.class_names, "fields": {t: cfg.tasks[t].field for t in cfg.tasks},
-                 "split": data.split, "pretrained_loaded": model.pretrained_loaded,
-                 "config": OmegaConf.to_container(cfg, resolve=True)}
         paths = [checkpoints / "last.pt"]
         paths += [checkpoints / "best.pt"] if improved else []
         paths += [checkpoints / f"epoch_{epoch:03d}.pt"] if epoch % cfg.trainer.checkpoint_interval == 0 else []
-        save_checkpoint(state, paths)
+        save_checkpoint(checkpoint_state(epoch), paths)
 
         for key, value in row.items():
             if key != "epoch":
@@ -177,13 +220,15 @@ def train(cfg: DictConfig) -> float:
     return best_loss
 
 
-def train_one_epoch(model, loader, optimizer, scaler, loss_fns, device, amp_dtype, memory_format, desc):
+def train_one_epoch(model, loader, optimizer, scaler, loss_fns, device, amp_dtype, memory_format, totals, seen,
+                    stop, desc) -> int:
+    """Train on the loader's batches, adding each task's summed loss to `totals` (on the device:
+    reading a loss back every step would stall it). Starts at image `seen` of the epoch (after
+    an interrupt), stops early once `stop` is set, and returns how many images it has seen."""
     model.train()
     keep_frozen_batchnorm_in_eval(model)
-    # Losses accumulate on the device: reading one back would stall the device every step.
-    totals = {task: torch.zeros((), device=device) for task in loss_fns}
-    seen = 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=None)
+    done = seen // loader.batch_size
+    bar = tqdm(loader, desc=desc, leave=False, disable=None, initial=done, total=done + len(loader))
     for step, (images, targets) in enumerate(bar):
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -199,7 +244,9 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fns, device, amp_dtyp
         seen += len(images)
         if step % 25 == 0 and not bar.disable:
             bar.set_postfix(loss=f"{sum(totals.values()).item() / seen:.4f}")
-    return {task: total.item() / seen for task, total in totals.items()}
+        if stop.is_set():
+            break
+    return seen
 
 
 @torch.no_grad()
