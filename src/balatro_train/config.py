@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     resume: Optional[str] = None
     init_from: Optional[str] = None
+    publish_to: Optional[str] = "data/models/best_model.pt"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import albumentations as A
 import hydra
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from balatro_train import config  # noqa: F401  (registers the structured config)
-from balatro_train.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from balatro_train.checkpoint import copy_file_atomically, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from balatro_train.config import check_config
 from balatro_train.data import EpochSampler, balanced_weights, build_data
 from balatro_train.errors import UserError
@@ -145,8 +146,12 @@ def train(cfg: DictConfig) -> float:
                 "scaler": scaler.state_dict(), "best_val_loss": best_loss, "bad_epochs": bad_epochs,
                 "history": history, "rng": rng_state(), "class_names": data.class_names,
                 "fields": {t: cfg.tasks[t].field for t in cfg.tasks}, "split": data.split,
-                "pretrained_loaded": model.pretrained_loaded, "config": OmegaConf.to_container(cfg, resolve=True)}
+                "pretrained_loaded": model.pretrained_loaded, "config": OmegaConf.to_container(cfg, resolve=True),
+                "preprocessing": preprocessing}
 
+    # What inference needs to prepare an image exactly as validation did.
+    preprocessing = {"image_size": cfg.data.image_size, "background": list(cfg.data.background),
+                     "val_transforms": A.to_dict(data.val.pipeline)}
     stop = stop_on_signals()
     for epoch in range(start_epoch, cfg.trainer.epochs + 1):
         started = time.perf_counter()
@@ -217,6 +222,9 @@ def train(cfg: DictConfig) -> float:
                                       if k.endswith(("val_loss", "top1_acc"))}, run_name=".")
     writer.close()
     log.info("best val_loss %.4f at epoch %d: %s", best_loss, best_row["epoch"], checkpoints / "best.pt")
+    if cfg.publish_to and HydraConfig.get().mode == RunMode.RUN:
+        copy_file_atomically(checkpoints / "best.pt", Path(cfg.publish_to))
+        log.info("published the best model to %s", cfg.publish_to)
     return best_loss
 
 
