@@ -46,16 +46,26 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra's task function; returns the best combined validation loss, for sweepers."""
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return train(cfg)
-    except UserError as e:
-        log.error("%s", e)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
-        sys.exit(2)
     except Interrupted as e:
         log.warning("%s", e)
         sys.exit(130)
+    except UserError as e:
+        log.error("%s", e)
+        if not in_sweep:
+            sys.exit(2)
+        error = str(e)
+    except Exception as e:  # noqa: BLE001  (in a sweep, one broken combination must not stop the others)
+        if not in_sweep:
+            raise
+        log.exception("job failed")
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    # A failed sweep job leaves its one-line error for the sweep summary and reports NaN,
+    # which sweepers (Optuna included) treat as a failed trial.
+    (Path(HydraConfig.get().runtime.output_dir) / "error.txt").write_text(error + "\n")
+    return math.nan
 
 
 class Interrupted(Exception):
@@ -82,6 +92,7 @@ def stop_on_signals() -> threading.Event:
 def train(cfg: DictConfig) -> float:
     check_config(cfg)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    torch.set_num_threads(threads_per_job())
     seed_everything(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     amp_dtype = resolve_precision(cfg.trainer.precision, device)
@@ -136,91 +147,90 @@ def train(cfg: DictConfig) -> float:
     metrics_file = out_dir / "metrics.jsonl"
     metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
     checkpoints = out_dir / "checkpoints"
-    writer = SummaryWriter(out_dir / "tb")
-    log.info("training on %s, precision %s, %s", device, str(amp_dtype or torch.float32).replace("torch.", ""),
-             f"output in {out_dir}")
+    with SummaryWriter(out_dir / "tb") as writer:  # closed even when a sweep job fails
+        log.info("training on %s, precision %s, %s", device, str(amp_dtype or torch.float32).replace("torch.", ""),
+                 f"output in {out_dir}")
 
-    def checkpoint_state(epoch: int, partial_epoch: dict | None = None) -> dict:
-        return {"epoch": epoch, "partial_epoch": partial_epoch, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "best_val_loss": best_loss, "bad_epochs": bad_epochs,
-                "history": history, "rng": rng_state(), "class_names": data.class_names,
-                "fields": {t: cfg.tasks[t].field for t in cfg.tasks}, "split": data.split,
-                "pretrained_loaded": model.pretrained_loaded, "config": OmegaConf.to_container(cfg, resolve=True),
-                "preprocessing": preprocessing}
+        def checkpoint_state(epoch: int, partial_epoch: dict | None = None) -> dict:
+            return {"epoch": epoch, "partial_epoch": partial_epoch, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "best_val_loss": best_loss, "bad_epochs": bad_epochs,
+                    "history": history, "rng": rng_state(), "class_names": data.class_names,
+                    "fields": {t: cfg.tasks[t].field for t in cfg.tasks}, "split": data.split,
+                    "pretrained_loaded": model.pretrained_loaded, "config": OmegaConf.to_container(cfg, resolve=True),
+                    "preprocessing": preprocessing}
 
-    # What inference needs to prepare an image exactly as validation did.
-    preprocessing = {"image_size": cfg.data.image_size, "background": list(cfg.data.background),
-                     "val_transforms": A.to_dict(data.val.pipeline)}
-    stop = stop_on_signals()
-    for epoch in range(start_epoch, cfg.trainer.epochs + 1):
-        started = time.perf_counter()
-        lr = optimizer.param_groups[-1]["lr"]
-        totals = {task: torch.zeros((), device=device) for task in loss_fns}
-        seen = 0
-        if partial is not None:
-            totals, seen, partial = {t: v.to(device) for t, v in partial["totals"].items()}, partial["seen"], None
-        train_loader.sampler.set_epoch(epoch, start=seen)
-        seen = train_one_epoch(model, train_loader, optimizer, scaler, loss_fns, device, amp_dtype, memory_format,
-                               totals, seen, stop, desc=f"epoch {epoch}/{cfg.trainer.epochs}")
-        if stop.is_set():
-            save_checkpoint(checkpoint_state(epoch - 1, {"seen": seen, "totals": totals}), [checkpoints / "last.pt"])
-            raise Interrupted(f"interrupted in epoch {epoch} after {seen} images; to resume: python -m "
-                              f"balatro_train --config-dir {out_dir / '.hydra'} --config-name config "
-                              f"resume={checkpoints / 'last.pt'}")
-        train_losses = {task: total.item() / seen for task, total in totals.items()}
-        val_losses, results = validate(model, val_loader, loss_fns, metrics, device, amp_dtype, memory_format)
-        seconds = time.perf_counter() - started
+        # What inference needs to prepare an image exactly as validation did.
+        preprocessing = {"image_size": cfg.data.image_size, "background": list(cfg.data.background),
+                         "val_transforms": A.to_dict(data.val.pipeline)}
+        stop = stop_on_signals()
+        for epoch in range(start_epoch, cfg.trainer.epochs + 1):
+            started = time.perf_counter()
+            lr = optimizer.param_groups[-1]["lr"]
+            totals = {task: torch.zeros((), device=device) for task in loss_fns}
+            seen = 0
+            if partial is not None:
+                totals, seen, partial = {t: v.to(device) for t, v in partial["totals"].items()}, partial["seen"], None
+            train_loader.sampler.set_epoch(epoch, start=seen)
+            seen = train_one_epoch(model, train_loader, optimizer, scaler, loss_fns, device, amp_dtype, memory_format,
+                                   totals, seen, stop, desc=f"epoch {epoch}/{cfg.trainer.epochs}")
+            if stop.is_set():
+                save_checkpoint(checkpoint_state(epoch - 1, {"seen": seen, "totals": totals}), [checkpoints / "last.pt"])
+                raise Interrupted(f"interrupted in epoch {epoch} after {seen} images; to resume: python -m "
+                                  f"balatro_train --config-dir {out_dir / '.hydra'} --config-name config "
+                                  f"resume={checkpoints / 'last.pt'}")
+            train_losses = {task: total.item() / seen for task, total in totals.items()}
+            val_losses, results = validate(model, val_loader, loss_fns, metrics, device, amp_dtype, memory_format)
+            seconds = time.perf_counter() - started
 
-        combine = {"max": max, "mean": lambda v: sum(v) / len(v), "sum": sum}[cfg.trainer.combine_losses]
-        val_loss = combine(list(val_losses.values()))
-        row = {"epoch": epoch, "train_loss": combine(list(train_losses.values())), "val_loss": val_loss,
-               "lr": lr, "epoch_seconds": round(seconds, 3),
-               "train_images_per_sec": round(len(data.train) / seconds, 2)}
-        matrices = {}
-        for task in loss_fns:
-            scalars, matrices[task] = split_results(results[task])
-            row[f"{task}/train_loss"], row[f"{task}/val_loss"] = train_losses[task], val_losses[task]
-            row.update({f"{task}/{name}": value for name, value in scalars.items()})
-        if not all(math.isfinite(row[k]) for k in ("train_loss", "val_loss")):
-            raise UserError(f"epoch {epoch}: the loss became {row['train_loss']} / {row['val_loss']}; "
-                            f"lower the learning rate (optimizer.lr) or use trainer.precision=32. "
-                            f"The last good checkpoint is {checkpoints / 'last.pt'}")
+            combine = {"max": max, "mean": lambda v: sum(v) / len(v), "sum": sum}[cfg.trainer.combine_losses]
+            val_loss = combine(list(val_losses.values()))
+            row = {"epoch": epoch, "train_loss": combine(list(train_losses.values())), "val_loss": val_loss,
+                   "lr": lr, "epoch_seconds": round(seconds, 3),
+                   "train_images_per_sec": round(len(data.train) / seconds, 2)}
+            matrices = {}
+            for task in loss_fns:
+                scalars, matrices[task] = split_results(results[task])
+                row[f"{task}/train_loss"], row[f"{task}/val_loss"] = train_losses[task], val_losses[task]
+                row.update({f"{task}/{name}": value for name, value in scalars.items()})
+            if not all(math.isfinite(row[k]) for k in ("train_loss", "val_loss")):
+                raise UserError(f"epoch {epoch}: the loss became {row['train_loss']} / {row['val_loss']}; "
+                                f"lower the learning rate (optimizer.lr) or use trainer.precision=32. "
+                                f"The last good checkpoint is {checkpoints / 'last.pt'}")
 
-        improved = val_loss < best_loss
-        best_loss, bad_epochs = (val_loss, 0) if improved else (best_loss, bad_epochs + 1)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val_loss)
-        else:
-            scheduler.step()
-        history.append(row)
-        with metrics_file.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            improved = val_loss < best_loss
+            best_loss, bad_epochs = (val_loss, 0) if improved else (best_loss, bad_epochs + 1)
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(val_loss)
+            else:
+                scheduler.step()
+            history.append(row)
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
-        paths = [checkpoints / "last.pt"]
-        paths += [checkpoints / "best.pt"] if improved else []
-        paths += [checkpoints / f"epoch_{epoch:03d}.pt"] if epoch % cfg.trainer.checkpoint_interval == 0 else []
-        save_checkpoint(checkpoint_state(epoch), paths)
+            paths = [checkpoints / "last.pt"]
+            paths += [checkpoints / "best.pt"] if improved else []
+            paths += [checkpoints / f"epoch_{epoch:03d}.pt"] if epoch % cfg.trainer.checkpoint_interval == 0 else []
+            save_checkpoint(checkpoint_state(epoch), paths)
 
-        for key, value in row.items():
-            if key != "epoch":
-                writer.add_scalar(key, value, epoch)
-        for task, task_matrices in matrices.items():
-            for name, matrix in task_matrices.items():
-                writer.add_figure(f"{task}/{name}", confusion_figure(matrix, data.class_names[task],
-                                                                     f"{task} {name}, epoch {epoch}"), epoch)
-        log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f%s  %s  lr %.2e  %.1fs  %.0f img/s",
-                 epoch, cfg.trainer.epochs, row["train_loss"], val_loss, " *" if improved else "",
-                 "  ".join(f"{t}/top1 {row[f'{t}/top1_acc']:.3f}" for t in loss_fns if f"{t}/top1_acc" in row),
-                 lr, seconds, row["train_images_per_sec"])
-        if cfg.trainer.patience and bad_epochs >= cfg.trainer.patience:
-            log.info("early stop: val_loss has not improved for %d epochs", bad_epochs)
-            break
+            for key, value in row.items():
+                if key != "epoch":
+                    writer.add_scalar(key, value, epoch)
+            for task, task_matrices in matrices.items():
+                for name, matrix in task_matrices.items():
+                    writer.add_figure(f"{task}/{name}", confusion_figure(matrix, data.class_names[task],
+                                                                         f"{task} {name}, epoch {epoch}"), epoch)
+            log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f%s  %s  lr %.2e  %.1fs  %.0f img/s",
+                     epoch, cfg.trainer.epochs, row["train_loss"], val_loss, " *" if improved else "",
+                     "  ".join(f"{t}/top1 {row[f'{t}/top1_acc']:.3f}" for t in loss_fns if f"{t}/top1_acc" in row),
+                     lr, seconds, row["train_images_per_sec"])
+            if cfg.trainer.patience and bad_epochs >= cfg.trainer.patience:
+                log.info("early stop: val_loss has not improved for %d epochs", bad_epochs)
+                break
 
-    best_row = min(history, key=lambda r: r["val_loss"])
-    writer.add_hparams(hparams(cfg), {f"hparam/{k}": v for k, v in best_row.items()
-                                      if k.endswith(("val_loss", "top1_acc"))}, run_name=".")
-    writer.close()
+        best_row = min(history, key=lambda r: r["val_loss"])
+        writer.add_hparams(hparams(cfg), {f"hparam/{k}": v for k, v in best_row.items()
+                                          if k.endswith(("val_loss", "top1_acc"))}, run_name=".")
     log.info("best val_loss %.4f at epoch %d: %s", best_loss, best_row["epoch"], checkpoints / "best.pt")
     if cfg.publish_to and HydraConfig.get().mode == RunMode.RUN:
         copy_file_atomically(checkpoints / "best.pt", Path(cfg.publish_to))
@@ -280,7 +290,10 @@ def validate(model, loader, loss_fns, metrics, device, amp_dtype, memory_format)
 
 def make_loaders(cfg, data, device) -> tuple[DataLoader, DataLoader]:
     workers = cfg.trainer.num_workers
-    workers = (0 if (os.cpu_count() or 1) <= 2 else min(8, os.cpu_count() // 2)) if workers == "auto" else int(workers)
+    if workers == "auto":  # worker processes pay off only when cores are left beside the model's threads
+        threads = torch.get_num_threads()
+        workers = 0 if threads <= 2 else min(8, threads // 2)
+    workers = int(workers)
     weights = balanced_weights(data.train_labels) if cfg.data.weighted_sampler else None
     common = dict(batch_size=cfg.trainer.batch_size, num_workers=workers, persistent_workers=workers > 0,
                   pin_memory=device.type == "cuda")
@@ -304,6 +317,15 @@ def check_same_tasks(checkpoint: dict, cfg, key: str) -> None:
     if checkpoint["fields"] != fields:
         raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint was trained for tasks {checkpoint['fields']}, "
                         f"this run has {fields}; pick the same task=...")
+
+
+def threads_per_job() -> int:
+    """Jobs that a launcher runs side by side (hydra/launcher=joblib n_jobs=N) share the cores:
+    each gets cores // N torch threads (at least one), so that N jobs never oversubscribe."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parallel_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
+    parallel_jobs = cores if parallel_jobs < 0 else parallel_jobs
+    return max(1, cores // parallel_jobs) if HydraConfig.get().mode == RunMode.MULTIRUN else cores
 
 
 def seed_everything(seed: int) -> None:
