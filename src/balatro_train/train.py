@@ -195,8 +195,9 @@ def train(cfg: DictConfig) -> float:
                 row.update({f"{task}/{name}": value for name, value in scalars.items()})
             if not all(math.isfinite(row[k]) for k in ("train_loss", "val_loss")):
                 raise UserError(f"epoch {epoch}: the loss became {row['train_loss']} / {row['val_loss']}; "
-                                f"lower the learning rate (optimizer.lr) or use trainer.precision=32. "
-                                f"The last good checkpoint is {checkpoints / 'last.pt'}")
+                                "lower the learning rate (optimizer.lr) or use trainer.precision=32. "
+                                + (f"The last good checkpoint is {checkpoints / 'last.pt'}" if epoch > 1
+                                   else "No checkpoint was written."))
 
             improved = val_loss < best_loss
             best_loss, bad_epochs = (val_loss, 0) if improved else (best_loss, bad_epochs + 1)
