@@ -1,0 +1,157 @@
+"""`python -m balatro_train.bench [--steps N] [hydra overrides]`: how close the runner comes to the model.
+
+Measures, in one process and at the same model, batch size, image size, precision and thread count:
+  bare step   the configured model's training step on synthetic tensors already in memory;
+  pipeline    the data pipeline alone (augment and collate the training set; no model);
+  runner      the runner's real training epoch (`train_one_epoch` over the real DataLoader).
+Prints a table with the ratios and writes it as JSON (`--out`, default outputs/bench/<time>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+from balatro_train import config  # noqa: F401  (registers the structured config)
+from balatro_train.config import check_config
+from balatro_train.data import build_data
+from balatro_train.errors import UserError
+from balatro_train.model import parameter_groups
+from balatro_train.train import CONFIG_DIR, make_loaders, resolve_device, resolve_precision, train_one_epoch
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="timed bare steps (after 3 warm-up steps)")
+    parser.add_argument("--out", type=Path, help="JSON report path")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m balatro_train")
+    args = parser.parse_args(argv)
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=args.overrides)
+        check_config(cfg)
+        report = run_benchmark(cfg, args.steps)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
+    out = args.out or Path("outputs/bench") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print_table(report)
+    print(f"written to {out}")
+    return report
+
+
+def run_benchmark(cfg, steps: int) -> dict:
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.trainer.device)
+    amp_dtype = resolve_precision(cfg.trainer.precision, device)
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    if cfg.dataset.render is not None:
+        instantiate(cfg.dataset.render)
+    started = time.perf_counter()
+    data = build_data(cfg)
+    decode_seconds = time.perf_counter() - started
+
+    def fresh_model():
+        model = instantiate(cfg.model, num_classes={t: len(n) for t, n in data.class_names.items()})
+        instantiate(cfg.freeze)(model)
+        model.to(device, memory_format=memory_format)
+        optimizer_cfg = OmegaConf.to_container(cfg.optimizer)
+        groups = parameter_groups(model, optimizer_cfg.pop("lr_backbone", None), optimizer_cfg.pop("lr_heads", None))
+        return model, instantiate(optimizer_cfg)(groups)
+
+    loss_fns = {task: nn.CrossEntropyLoss() for task in data.class_names}
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    batch, size = cfg.trainer.batch_size, cfg.data.image_size
+
+    # (a) the bare step: the floor that the runner is measured against
+    model, optimizer = fresh_model()
+    model.train()
+    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    targets = {t: torch.randint(0, len(n), (batch,), device=device) for t, n in data.class_names.items()}
+
+    def bare_step():
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            outputs = model(images)
+            loss = sum(fn(outputs[t].float(), targets[t]) for t, fn in loss_fns.items())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    for _ in range(3):
+        bare_step()
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        bare_step()
+    synchronize(device)
+    bare = batch * steps / (time.perf_counter() - started)
+
+    # (b) the data pipeline alone, one epoch of the real training loader
+    train_loader, _ = make_loaders(cfg, data, device)
+    train_loader.sampler.set_epoch(1)
+    started = time.perf_counter()
+    seen = sum(len(images) for images, _ in train_loader)
+    pipeline = seen / (time.perf_counter() - started)
+
+    # (c) the runner's real epoch; the first one warms up allocators and workers
+    model, optimizer = fresh_model()
+    runner = 0.0
+    for epoch in (1, 2):
+        totals = {t: torch.zeros((), device=device) for t in loss_fns}
+        train_loader.sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        seen = train_one_epoch(model, train_loader, optimizer, scaler, loss_fns, device, amp_dtype, memory_format,
+                               totals, 0, threading.Event(), desc=f"runner epoch {epoch}")
+        for total in totals.values():
+            total.item()
+        runner = seen / (time.perf_counter() - started)
+
+    return {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__},
+        "settings": {"backbone": cfg.model.backbone, "freeze": list(cfg.freeze.trainable or []) if
+                     cfg.freeze.trainable is not None else "none", "image_size": size, "batch_size": batch,
+                     "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
+                     "channels_last": cfg.trainer.channels_last, "train_images": len(data.train),
+                     "num_workers": train_loader.num_workers},
+        "images_per_sec": {"bare_step": round(bare, 1), "pipeline": round(pipeline, 1), "runner": round(runner, 1)},
+        "ratios": {"runner_over_bare": round(runner / bare, 3), "pipeline_over_model": round(pipeline / bare, 2)},
+        "decode_seconds_once": round(decode_seconds, 2),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def print_table(report: dict) -> None:
+    s, r, q = report["settings"], report["images_per_sec"], report["ratios"]
+    print(f"{s['backbone']} freeze={s['freeze']} {s['image_size']}px batch {s['batch_size']} {s['precision']}"
+          f" channels_last={s['channels_last']} on {report['machine']['device']}, "
+          f"{report['machine']['threads']} threads")
+    print(f"| {'measure':<24} | {'images/s':>9} |")
+    print(f"|{'-' * 26}|{'-' * 11}|")
+    for name, value in (("bare step", r["bare_step"]), ("data pipeline alone", r["pipeline"]),
+                        ("runner epoch", r["runner"])):
+        print(f"| {name:<24} | {value:>9.1f} |")
+    print(f"runner / bare step: {q['runner_over_bare']:.3f}   pipeline / model: {q['pipeline_over_model']:.2f}x"
+          f"   (one-off decode: {report['decode_seconds_once']} s)")
+
+
+if __name__ == "__main__":
+    main()
