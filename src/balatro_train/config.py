@@ -46,6 +46,7 @@ class TrainerConfig:
     num_workers: str = "auto"
     combine_losses: str = "max"
     channels_last: bool = True
+    compile: bool = False
 
 
 @dataclass

@@ -120,6 +120,8 @@ def train(cfg: DictConfig) -> float:
     instantiate(cfg.freeze)(model)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
+    # torch.compile wraps the same parameters; checkpoints keep saving the plain model's keys.
+    step_model = torch.compile(model) if cfg.trainer.compile else model
 
     optimizer_cfg = OmegaConf.to_container(cfg.optimizer)
     groups = parameter_groups(model, optimizer_cfg.pop("lr_backbone", None), optimizer_cfg.pop("lr_heads", None))
@@ -172,7 +174,7 @@ def train(cfg: DictConfig) -> float:
             if partial is not None:
                 totals, seen, partial = {t: v.to(device) for t, v in partial["totals"].items()}, partial["seen"], None
             train_loader.sampler.set_epoch(epoch, start=seen)
-            seen = train_one_epoch(model, train_loader, optimizer, scaler, loss_fns, device, amp_dtype, memory_format,
+            seen = train_one_epoch(step_model, train_loader, optimizer, scaler, loss_fns, device, amp_dtype, memory_format,
                                    totals, seen, stop, desc=f"epoch {epoch}/{cfg.trainer.epochs}")
             if stop.is_set():
                 save_checkpoint(checkpoint_state(epoch - 1, {"seen": seen, "totals": totals}), [checkpoints / "last.pt"])
@@ -180,7 +182,7 @@ def train(cfg: DictConfig) -> float:
                                   f"balatro_train --config-dir {out_dir / '.hydra'} --config-name config "
                                   f"resume={checkpoints / 'last.pt'}")
             train_losses = {task: total.item() / seen for task, total in totals.items()}
-            val_losses, results = validate(model, val_loader, loss_fns, metrics, device, amp_dtype, memory_format)
+            val_losses, results = validate(step_model, val_loader, loss_fns, metrics, device, amp_dtype, memory_format)
             seconds = time.perf_counter() - started
 
             combine = {"max": max, "mean": lambda v: sum(v) / len(v), "sum": sum}[cfg.trainer.combine_losses]
