@@ -170,20 +170,23 @@ class CardDataset(Dataset):
 class EpochSampler(Sampler):
     """Draws an epoch's (index, augmentation seed) pairs from the run seed and the epoch alone.
 
-    Shuffles, or with `weights` draws with replacement so that classes come up evenly.
+    Shuffles, or with `weights` draws with replacement so that classes come up evenly. Under
+    DDP every process makes the same draw and takes every `world`-th pair from `rank` on.
     Like DistributedSampler, call `set_epoch` before each epoch; nothing else carries state,
     which is what makes resume exact.
     """
 
-    def __init__(self, num_samples: int, seed: int, weights: torch.Tensor | None = None):
+    def __init__(self, num_samples: int, seed: int, weights: torch.Tensor | None = None, rank: int = 0,
+                 world: int = 1):
         self.num_samples, self.seed, self.weights, self.epoch, self.start = num_samples, seed, weights, 0, 0
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """`start` skips the epoch's first draws: those an interrupted run had already trained on."""
         self.epoch, self.start = epoch, start
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
+        return math.ceil(self.num_samples / self.world) - self.start
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -192,7 +195,11 @@ class EpochSampler(Sampler):
         else:
             order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
         seeds = torch.randint(0, 2**31 - 1, (self.num_samples,), generator=generator)
-        return iter(list(zip(order.tolist(), seeds.tolist()))[self.start:])
+        draws = list(zip(order.tolist(), seeds.tolist()))
+        if self.world > 1:  # every process draws the same epoch and takes its share, padded to equal length
+            draws += draws[: math.ceil(len(draws) / self.world) * self.world - len(draws)]
+            draws = draws[self.rank :: self.world]
+        return iter(draws[self.start:])
 
 
 def balanced_weights(labels: list[str]) -> torch.Tensor:

@@ -6,6 +6,7 @@ Read top to bottom: `main` -> `train` (set-up, then the epoch loop) -> `train_on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,12 +22,14 @@ import albumentations as A
 import hydra
 import numpy as np
 import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -94,7 +97,11 @@ def train(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     torch.set_num_threads(threads_per_job())
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
+    rank, world, device = start_distributed(cfg.trainer.device)
+    is_main = rank == 0  # only the first process writes files; all of them train
+    if cfg.trainer.batch_size % world:
+        raise UserError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch: make it a multiple "
+                        f"of the {world} processes")
     amp_dtype = resolve_precision(cfg.trainer.precision, device)
 
     # A resumed run continues with its own split, class indices and state; init_from takes
@@ -108,8 +115,9 @@ def train(cfg: DictConfig) -> float:
     if cfg.dataset.render is not None:
         instantiate(cfg.dataset.render)
     data = build_data(cfg, source and source["class_names"], resumed and resumed["split"])
-    (out_dir / "split.json").write_text(json.dumps(data.split, indent=1))
-    if data.skipped:
+    if is_main:
+        (out_dir / "split.json").write_text(json.dumps(data.split, indent=1))
+    if data.skipped and is_main:
         (out_dir / "skipped_images.json").write_text(json.dumps(data.skipped, indent=1))
     log.info("data: %d training and %d validation images; classes: %s", len(data.train), len(data.val),
              ", ".join(f"{task} {len(names)}" for task, names in data.class_names.items()))
@@ -121,7 +129,10 @@ def train(cfg: DictConfig) -> float:
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     # torch.compile wraps the same parameters; checkpoints keep saving the plain model's keys.
-    step_model = torch.compile(model) if cfg.trainer.compile else model
+    step_model = DistributedDataParallel(model) if world > 1 else model
+    step_model = torch.compile(step_model) if cfg.trainer.compile else step_model
+    # Validation shards are uneven, so it runs on the plain model: DDP's forward would wait for the others.
+    eval_model = (torch.compile(model) if cfg.trainer.compile else model) if world > 1 else step_model
 
     optimizer_cfg = OmegaConf.to_container(cfg.optimizer)
     groups = parameter_groups(model, optimizer_cfg.pop("lr_backbone", None), optimizer_cfg.pop("lr_heads", None))
@@ -133,7 +144,7 @@ def train(cfg: DictConfig) -> float:
     metrics = {task: build_metrics(task, cfg.tasks[task].metrics, len(names)).to(device)
                for task, names in data.class_names.items()}
 
-    train_loader, val_loader = make_loaders(cfg, data, device)
+    train_loader, val_loader = make_loaders(cfg, data, device, rank, world)
     start_epoch, best_loss, bad_epochs, history = 1, math.inf, 0, []
     partial = None  # an epoch that an interrupt stopped part-way: {"seen": ..., "totals": ...}
     if resumed is not None:
@@ -147,9 +158,11 @@ def train(cfg: DictConfig) -> float:
                  f", image {partial['seen']}" if partial else "")
 
     metrics_file = out_dir / "metrics.jsonl"
-    metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
+    if is_main:
+        metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
     checkpoints = out_dir / "checkpoints"
-    with SummaryWriter(out_dir / "tb") as writer:  # closed even when a sweep job fails
+    # closed even when a sweep job fails
+    with SummaryWriter(out_dir / "tb") if is_main else contextlib.nullcontext() as writer:
         log.info("training on %s, precision %s, %s", device, str(amp_dtype or torch.float32).replace("torch.", ""),
                  f"output in {out_dir}")
 
@@ -177,12 +190,15 @@ def train(cfg: DictConfig) -> float:
             seen = train_one_epoch(step_model, train_loader, optimizer, scaler, loss_fns, device, amp_dtype, memory_format,
                                    totals, seen, stop, desc=f"epoch {epoch}/{cfg.trainer.epochs}")
             if stop.is_set():
-                save_checkpoint(checkpoint_state(epoch - 1, {"seen": seen, "totals": totals}), [checkpoints / "last.pt"])
+                if is_main:
+                    save_checkpoint(checkpoint_state(epoch - 1, {"seen": seen, "totals": totals}),
+                                    [checkpoints / "last.pt"])
                 raise Interrupted(f"interrupted in epoch {epoch} after {seen} images; to resume: python -m "
                                   f"balatro_train --config-dir {out_dir / '.hydra'} --config-name config "
                                   f"resume={checkpoints / 'last.pt'}")
-            train_losses = {task: total.item() / seen for task, total in totals.items()}
-            val_losses, results = validate(step_model, val_loader, loss_fns, metrics, device, amp_dtype, memory_format)
+            train_losses = mean_over_processes(totals, seen, world)
+            val_losses, results = validate(eval_model, val_loader, loss_fns, metrics, device, amp_dtype, memory_format,
+                                           world)
             seconds = time.perf_counter() - started
 
             combine = {"max": max, "mean": lambda v: sum(v) / len(v), "sum": sum}[cfg.trainer.combine_losses]
@@ -208,21 +224,12 @@ def train(cfg: DictConfig) -> float:
             else:
                 scheduler.step()
             history.append(row)
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-            paths = [checkpoints / "last.pt"]
-            paths += [checkpoints / "best.pt"] if improved else []
-            paths += [checkpoints / f"epoch_{epoch:03d}.pt"] if epoch % cfg.trainer.checkpoint_interval == 0 else []
-            save_checkpoint(checkpoint_state(epoch), paths)
-
-            for key, value in row.items():
-                if key != "epoch":
-                    writer.add_scalar(key, value, epoch)
-            for task, task_matrices in matrices.items():
-                for name, matrix in task_matrices.items():
-                    writer.add_figure(f"{task}/{name}", confusion_figure(matrix, data.class_names[task],
-                                                                         f"{task} {name}, epoch {epoch}"), epoch)
+            if is_main:
+                write_epoch(row, matrices, data.class_names, metrics_file, writer)
+                paths = [checkpoints / "last.pt"]
+                paths += [checkpoints / "best.pt"] if improved else []
+                paths += [checkpoints / f"epoch_{epoch:03d}.pt"] if epoch % cfg.trainer.checkpoint_interval == 0 else []
+                save_checkpoint(checkpoint_state(epoch), paths)
             log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f%s  %s  lr %.2e  %.1fs  %.0f img/s",
                      epoch, cfg.trainer.epochs, row["train_loss"], val_loss, " *" if improved else "",
                      "  ".join(f"{t}/top1 {row[f'{t}/top1_acc']:.3f}" for t in loss_fns if f"{t}/top1_acc" in row),
@@ -232,10 +239,13 @@ def train(cfg: DictConfig) -> float:
                 break
 
         best_row = min(history, key=lambda r: r["val_loss"])
-        writer.add_hparams(hparams(cfg), {f"hparam/{k}": v for k, v in best_row.items()
-                                          if k.endswith(("val_loss", "top1_acc"))}, run_name=".")
+        if is_main:
+            writer.add_hparams(hparams(cfg), {f"hparam/{k}": v for k, v in best_row.items()
+                                              if k.endswith(("val_loss", "top1_acc"))}, run_name=".")
     log.info("best val_loss %.4f at epoch %d: %s", best_loss, best_row["epoch"], checkpoints / "best.pt")
-    if cfg.publish_to and HydraConfig.get().mode == RunMode.RUN:
+    if world > 1:
+        dist.destroy_process_group()
+    if cfg.publish_to and HydraConfig.get().mode == RunMode.RUN and is_main:
         copy_file_atomically(checkpoints / "best.pt", Path(cfg.publish_to))
         log.info("published the best model to %s", cfg.publish_to)
     return best_loss
@@ -265,13 +275,13 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fns, device, amp_dtyp
         seen += len(images)
         if step % 25 == 0 and not bar.disable:
             bar.set_postfix(loss=f"{sum(totals.values()).item() / seen:.4f}")
-        if stop.is_set():
+        if stop_everywhere(stop, device):
             break
     return seen
 
 
 @torch.no_grad()
-def validate(model, loader, loss_fns, metrics, device, amp_dtype, memory_format):
+def validate(model, loader, loss_fns, metrics, device, amp_dtype, memory_format, world=1):
     """One pass over the validation data gives every task's loss and metrics."""
     model.eval()
     totals = {task: torch.zeros((), device=device) for task in loss_fns}
@@ -287,21 +297,73 @@ def validate(model, loader, loss_fns, metrics, device, amp_dtype, memory_format)
             totals[task] += fn(logits, target) * len(images)
             metrics[task].update(logits, target)
         seen += len(images)
-    return ({task: total.item() / seen for task, total in totals.items()},
-            {task: metric.compute() for task, metric in metrics.items()})
+    # torchmetrics gathers its states from every process in compute()
+    return mean_over_processes(totals, seen, world), {task: metric.compute() for task, metric in metrics.items()}
 
 
-def make_loaders(cfg, data, device) -> tuple[DataLoader, DataLoader]:
+def write_epoch(row: dict, matrices: dict, class_names: dict, metrics_file: Path, writer: SummaryWriter) -> None:
+    """Append the epoch to metrics.jsonl and TensorBoard (scalars, and matrices as figures)."""
+    with metrics_file.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    epoch = row["epoch"]
+    for key, value in row.items():
+        if key != "epoch":
+            writer.add_scalar(key, value, epoch)
+    for task, task_matrices in matrices.items():
+        for name, matrix in task_matrices.items():
+            writer.add_figure(f"{task}/{name}", confusion_figure(matrix, class_names[task],
+                                                                 f"{task} {name}, epoch {epoch}"), epoch)
+
+
+def mean_over_processes(totals: dict[str, torch.Tensor], seen: int, world: int) -> dict[str, float]:
+    """Per-task mean loss over every image every process has seen (one read-back per epoch)."""
+    values = torch.stack([*totals.values(), torch.tensor(float(seen), device=next(iter(totals.values())).device)])
+    if world > 1:
+        dist.all_reduce(values)
+    return {task: (value / values[-1]).item() for task, value in zip(totals, values)}
+
+
+def stop_everywhere(stop: threading.Event, device: torch.device) -> bool:
+    """Whether any process was asked to stop: under DDP all must leave the epoch at the same step."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return stop.is_set()
+    flag = torch.tensor(1.0 if stop.is_set() else 0.0, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        stop.set()
+    return stop.is_set()
+
+
+def start_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) joins the process group:
+    NCCL with one GPU per process, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(device_name)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank()
+    if rank != 0:  # one voice in the log
+        logging.getLogger("balatro_train").setLevel(logging.WARNING)
+    return rank, world, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def make_loaders(cfg, data, device, rank: int = 0, world: int = 1) -> tuple[DataLoader, DataLoader]:
+    """trainer.batch_size is the global batch: each of `world` processes loads its share."""
     workers = cfg.trainer.num_workers
     if workers == "auto":  # worker processes pay off only when cores are left beside the model's threads
         threads = torch.get_num_threads()
         workers = 0 if threads <= 2 else min(8, threads // 2)
     workers = int(workers)
     weights = balanced_weights(data.train_labels) if cfg.data.weighted_sampler else None
-    common = dict(batch_size=cfg.trainer.batch_size, num_workers=workers, persistent_workers=workers > 0,
+    common = dict(batch_size=cfg.trainer.batch_size // world, num_workers=workers, persistent_workers=workers > 0,
                   pin_memory=device.type == "cuda")
-    train_loader = DataLoader(data.train, sampler=EpochSampler(len(data.train), cfg.seed, weights), **common)
-    return train_loader, DataLoader(data.val, shuffle=False, **common)
+    train_loader = DataLoader(data.train, sampler=EpochSampler(len(data.train), cfg.seed, weights, rank, world),
+                              **common)
+    return train_loader, DataLoader(Subset(data.val, range(rank, len(data.val), world)), **common)
 
 
 def class_weights(task: str, task_cfg, names: list[str]) -> torch.Tensor | None:
