@@ -87,5 +87,5 @@ def test_the_default_dataset_trains_out_of_the_box(tmp_path):
     [run] = run_dirs(tmp_path)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {"identification/top1_acc", "modifier/top1_acc"} <= set(rows[0])
-    assert (tmp_path / "data/demo/cards8_x4_aug4_seed0/dataset_default/labels.json").is_file()
+    assert (tmp_path / "data/demo/cards8_x4_aug10_seed0/dataset_default/labels.json").is_file()
     assert (tmp_path / "data/models/best_model.pt").is_file()

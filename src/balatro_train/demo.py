@@ -163,7 +163,7 @@ def augment(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, 
     return Image.fromarray(np.clip(rgba, 0, 255).astype(np.uint8)), f"rotate_{angle:+.0f}_light_{gain:.2f}"
 
 
-def ensure_rendered(out_dir: str, num_cards: int = 48, samples_per_card: int = 10, augmented_per_card: int = 4,
+def ensure_rendered(out_dir: str, num_cards: int = 48, samples_per_card: int = 40, augmented_per_card: int = 10,
                     seed: int = 0) -> str:
     """Render the set into `out_dir` unless it is there already; returns out_dir.
 
@@ -252,8 +252,8 @@ def write_contact_sheet(out_dir: str, path: str, per_cell: int = 2) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Render the demo dataset (and a contact sheet to look at).")
     parser.add_argument("--num-cards", type=int, default=48)
-    parser.add_argument("--samples-per-card", type=int, default=10)
-    parser.add_argument("--augmented-per-card", type=int, default=4)
+    parser.add_argument("--samples-per-card", type=int, default=40)
+    parser.add_argument("--augmented-per-card", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", help="default: the folder the training config uses for these settings")
     parser.add_argument("--preview", nargs="?", const="", metavar="PNG",
