@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import albumentations as A
@@ -42,6 +43,10 @@ from balatro_train.metrics import build_metrics, confusion_figure, split_results
 from balatro_train.model import keep_frozen_batchnorm_in_eval, parameter_groups
 
 log = logging.getLogger("balatro_train")
+# conf/hydra/launcher/{joblib,submitit_slurm}.yaml complete the plugins' configs of the same name
+# on purpose; Hydra would warn about that at every composition.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema",
+                        category=UserWarning)
 # conf/ sits at the top of the checkout, beside src/ (the project is installed editable).
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -65,6 +70,9 @@ def main(cfg: DictConfig) -> float:
             raise
         log.exception("job failed")
         error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     # A failed sweep job leaves its one-line error for the sweep summary and reports NaN,
     # which sweepers (Optuna included) treat as a failed trial.
     (Path(HydraConfig.get().runtime.output_dir) / "error.txt").write_text(error + "\n")
@@ -75,8 +83,10 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM stopped the run at a step boundary, after saving last.pt."""
 
 
-def stop_on_signals() -> threading.Event:
-    """The first Ctrl-C or SIGTERM asks the loop to stop at the next step; a second one quits at once."""
+@contextlib.contextmanager
+def stop_on_signals():
+    """The first Ctrl-C or SIGTERM asks the loop to stop at the next step; a second one quits at once.
+    The previous handlers come back afterwards (the next job of a sweep installs its own)."""
     stop = threading.Event()
 
     def handler(signum, frame):
@@ -86,10 +96,15 @@ def stop_on_signals() -> threading.Event:
         log.warning("%s: stopping after this step and saving last.pt (again to quit at once)",
                     signal.Signals(signum).name)
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
-    return stop
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def train(cfg: DictConfig) -> float:
@@ -104,6 +119,12 @@ def train(cfg: DictConfig) -> float:
                         f"of the {world} processes")
     amp_dtype = resolve_precision(cfg.trainer.precision, device)
 
+    # A sweep job started again in its own folder (a SLURM requeue after pre-emption or a time
+    # limit) goes on from the last.pt it left there.
+    own_last = out_dir / "checkpoints" / "last.pt"
+    if cfg.resume is None and HydraConfig.get().mode == RunMode.MULTIRUN and own_last.is_file():
+        log.info("resuming from %s, left by an earlier start of this job", own_last)
+        cfg.resume = str(own_last)
     # A resumed run continues with its own split, class indices and state; init_from takes
     # only the weights (and the class names, so that label indices keep their meaning).
     resumed = load_checkpoint(cfg.resume, "resume") if cfg.resume else None
@@ -162,7 +183,7 @@ def train(cfg: DictConfig) -> float:
         metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
     checkpoints = out_dir / "checkpoints"
     # closed even when a sweep job fails
-    with SummaryWriter(out_dir / "tb") if is_main else contextlib.nullcontext() as writer:
+    with (SummaryWriter(out_dir / "tb") if is_main else contextlib.nullcontext()) as writer, stop_on_signals() as stop:
         log.info("training on %s, precision %s, %s", device, str(amp_dtype or torch.float32).replace("torch.", ""),
                  f"output in {out_dir}")
 
@@ -178,7 +199,6 @@ def train(cfg: DictConfig) -> float:
         # What inference needs to prepare an image exactly as validation did.
         preprocessing = {"image_size": cfg.data.image_size, "background": list(cfg.data.background),
                          "val_transforms": A.to_dict(data.val.pipeline)}
-        stop = stop_on_signals()
         for epoch in range(start_epoch, cfg.trainer.epochs + 1):
             started = time.perf_counter()
             lr = optimizer.param_groups[-1]["lr"]
@@ -243,8 +263,6 @@ def train(cfg: DictConfig) -> float:
             writer.add_hparams(hparams(cfg), {f"hparam/{k}": v for k, v in best_row.items()
                                               if k.endswith(("val_loss", "top1_acc"))}, run_name=".")
     log.info("best val_loss %.4f at epoch %d: %s", best_loss, best_row["epoch"], checkpoints / "best.pt")
-    if world > 1:
-        dist.destroy_process_group()
     if cfg.publish_to and HydraConfig.get().mode == RunMode.RUN and is_main:
         copy_file_atomically(checkpoints / "best.pt", Path(cfg.publish_to))
         log.info("published the best model to %s", cfg.publish_to)
