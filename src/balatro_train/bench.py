@@ -69,7 +69,7 @@ def run_benchmark(cfg, steps: int) -> dict:
         model.to(device, memory_format=memory_format)
         optimizer_cfg = OmegaConf.to_container(cfg.optimizer)
         groups = parameter_groups(model, optimizer_cfg.pop("lr_backbone", None), optimizer_cfg.pop("lr_heads", None))
-        return model, instantiate(optimizer_cfg)(groups)
+        return torch.compile(model) if cfg.trainer.compile else model, instantiate(optimizer_cfg)(groups)
 
     loss_fns = {task: nn.CrossEntropyLoss() for task in data.class_names}
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -126,7 +126,8 @@ def run_benchmark(cfg, steps: int) -> dict:
         "settings": {"backbone": cfg.model.backbone, "freeze": list(cfg.freeze.trainable or []) if
                      cfg.freeze.trainable is not None else "none", "image_size": size, "batch_size": batch,
                      "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
-                     "channels_last": cfg.trainer.channels_last, "train_images": len(data.train),
+                     "channels_last": cfg.trainer.channels_last, "compile": cfg.trainer.compile,
+                     "train_images": len(data.train),
                      "num_workers": train_loader.num_workers},
         "images_per_sec": {"bare_step": round(bare, 1), "pipeline": round(pipeline, 1), "runner": round(runner, 1)},
         "ratios": {"runner_over_bare": round(runner / bare, 3), "pipeline_over_model": round(pipeline / bare, 2)},
@@ -142,7 +143,7 @@ def synchronize(device: torch.device) -> None:
 def print_table(report: dict) -> None:
     s, r, q = report["settings"], report["images_per_sec"], report["ratios"]
     print(f"{s['backbone']} freeze={s['freeze']} {s['image_size']}px batch {s['batch_size']} {s['precision']}"
-          f" channels_last={s['channels_last']} on {report['machine']['device']}, "
+          f" channels_last={s['channels_last']} compile={s['compile']} on {report['machine']['device']}, "
           f"{report['machine']['threads']} threads")
     print(f"| {'measure':<24} | {'images/s':>9} |")
     print(f"|{'-' * 26}|{'-' * 11}|")
