@@ -379,8 +379,10 @@ def make_loaders(cfg, data, device, rank: int = 0, world: int = 1) -> tuple[Data
     weights = balanced_weights(data.train_labels) if cfg.data.weighted_sampler else None
     common = dict(batch_size=cfg.trainer.batch_size // world, num_workers=workers, persistent_workers=workers > 0,
                   pin_memory=device.type == "cuda")
+    # A last batch of one image would stop BatchNorm ("expected more than 1 value per channel"): drop it.
+    lonely_last = math.ceil(len(data.train) / world) % common["batch_size"] == 1
     train_loader = DataLoader(data.train, sampler=EpochSampler(len(data.train), cfg.seed, weights, rank, world),
-                              **common)
+                              drop_last=lonely_last, **common)
     return train_loader, DataLoader(Subset(data.val, range(rank, len(data.val), world)), **common)
 
 
