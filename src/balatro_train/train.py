@@ -187,6 +187,10 @@ def train(cfg: DictConfig) -> float:
         log.info("training on %s, precision %s, %s", device, str(amp_dtype or torch.float32).replace("torch.", ""),
                  f"output in {out_dir}")
 
+        # What inference needs to prepare an image exactly as validation did.
+        preprocessing = {"image_size": cfg.data.image_size, "background": list(cfg.data.background),
+                         "val_transforms": A.to_dict(data.val.pipeline)}
+
         def checkpoint_state(epoch: int, partial_epoch: dict | None = None) -> dict:
             return {"epoch": epoch, "partial_epoch": partial_epoch, "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -196,9 +200,6 @@ def train(cfg: DictConfig) -> float:
                     "pretrained_loaded": model.pretrained_loaded, "config": OmegaConf.to_container(cfg, resolve=True),
                     "preprocessing": preprocessing}
 
-        # What inference needs to prepare an image exactly as validation did.
-        preprocessing = {"image_size": cfg.data.image_size, "background": list(cfg.data.background),
-                         "val_transforms": A.to_dict(data.val.pipeline)}
         for epoch in range(start_epoch, cfg.trainer.epochs + 1):
             started = time.perf_counter()
             lr = optimizer.param_groups[-1]["lr"]
@@ -216,6 +217,7 @@ def train(cfg: DictConfig) -> float:
                 raise Interrupted(f"interrupted in epoch {epoch} after {seen} images; to resume: python -m "
                                   f"balatro_train --config-dir {out_dir / '.hydra'} --config-name config "
                                   f"resume={checkpoints / 'last.pt'}")
+            train_seconds = time.perf_counter() - started
             train_losses = mean_over_processes(totals, seen, world)
             val_losses, results = validate(eval_model, val_loader, loss_fns, metrics, device, amp_dtype, memory_format,
                                            world)
@@ -225,7 +227,7 @@ def train(cfg: DictConfig) -> float:
             val_loss = combine(list(val_losses.values()))
             row = {"epoch": epoch, "train_loss": combine(list(train_losses.values())), "val_loss": val_loss,
                    "lr": lr, "epoch_seconds": round(seconds, 3),
-                   "train_images_per_sec": round(len(data.train) / seconds, 2)}
+                   "train_images_per_sec": round(seen * world / train_seconds, 2)}
             matrices = {}
             for task in loss_fns:
                 scalars, matrices[task] = split_results(results[task])
