@@ -1,0 +1,208 @@
+"""`python -m balatro_train.evaluate checkpoint=<file or run folder> [dataset=annotated dataset.labels_file=...]`
+
+Scores every task of a checkpoint on ALL original images of a labelled set (no split;
+augmented files are ignored), prepared exactly as validation prepared them. Writes into
+`out_dir` (default outputs/evaluate/<run>_<checkpoint stem>, or <checkpoint stem> outside a run):
+  metrics.json                 per task: top1_acc, top3_acc (3+ classes), macro precision/recall/f1,
+                               and any other metric the checkpoint's task config declares
+  confusion_<task>.png         the confusion matrix
+  misclassified_<task>.png     the misclassified images, true and predicted label under each
+  report.md                    all of the above on one page
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, ImageDraw, ImageFont
+
+from balatro_train.checkpoint import load_checkpoint
+from balatro_train.data import check_fields, load_image, load_images, read_labels
+from balatro_train.errors import UserError
+from balatro_train.inference import CONFIG_DIR, Recognizer, log_to_stderr, resolve_checkpoint
+from balatro_train.metrics import build_metrics, confusion_figure, split_results
+
+log = logging.getLogger("balatro_train.evaluate")
+
+
+def _metric(cls: str, **kwargs) -> dict:
+    return {"_target_": f"torchmetrics.classification.{cls}", "_partial_": True, **kwargs}
+
+
+# Always reported, whatever the checkpoint's task config declared (build_metrics drops top-3 below 3 classes).
+STANDARD_METRICS = {
+    "top1_acc": _metric("MulticlassAccuracy", top_k=1, average="micro"),
+    "top3_acc": _metric("MulticlassAccuracy", top_k=3, average="micro"),
+    "precision": _metric("MulticlassPrecision", average="macro"),
+    "recall": _metric("MulticlassRecall", average="macro"),
+    "f1": _metric("MulticlassF1Score", average="macro"),
+    "confusion_matrix": _metric("MulticlassConfusionMatrix"),
+}
+TILE, TEXT_HEIGHT, GAP, MAX_COLUMNS = 112, 30, 4, 8
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    log_to_stderr()
+    try:
+        if cfg.dataset.get("render") is not None:  # the demo set is rendered on first use
+            instantiate(cfg.dataset.render)
+        evaluate(cfg.checkpoint, cfg.dataset.labels_file, cfg.dataset.root, cfg.out_dir, cfg.device,
+                 cfg.batch_size, cfg.max_grid_images)
+    except UserError as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", batch_size=64,
+             max_grid_images=32) -> dict:
+    """Evaluate and write the report; returns what metrics.json holds."""
+    path = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(path, "checkpoint")
+    tasks = OmegaConf.create(state["config"]["tasks"])
+    samples = read_labels(labels_file, root)  # originals only: augmented copies would flatter the scores
+    if not samples:
+        raise UserError(f"dataset.labels_file={labels_file}: the dataset is empty; label some images first")
+    check_fields(samples, tasks, [str(labels_file)])
+    targets = {task: class_indices(task, [str(s.meta[tasks[task].field]) for s in samples],
+                                   state["class_names"][task], labels_file) for task in state["class_names"]}
+
+    recognizer = Recognizer(state, device, batch_size)
+    images, bad = load_images(samples, recognizer.image_size, recognizer.background)
+    for problem in bad.values():
+        log.warning("skipping %s", problem)
+    keep = [i for i, s in enumerate(samples) if s.file not in bad]
+    if not keep:
+        raise UserError(f"dataset.labels_file={labels_file}: none of its images is readable")
+    samples, images = [samples[i] for i in keep], images[keep]
+    log.info("evaluating %s on %d images of %s (%s)", path, len(samples), labels_file, recognizer.device)
+    probs = recognizer.probabilities(images)
+
+    out_dir = Path(out_dir) if out_dir else default_out_dir(path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"checkpoint": str(path), "labels_file": str(labels_file), "num_images": len(samples),
+              "skipped": sorted(bad), "tasks": {}}
+    import matplotlib.pyplot as plt  # confusion_figure's figures belong to pyplot: closed here, or they pile up
+
+    mistakes = {}
+    for task, names in state["class_names"].items():
+        target = targets[task][keep]
+        true_list = target.tolist()
+        declared = OmegaConf.to_container(tasks[task].metrics)
+        metrics = build_metrics(task, OmegaConf.create({**STANDARD_METRICS, **declared}), len(names))
+        scalars, matrices = split_results(metrics(probs[task], target))
+        report["tasks"][task] = scalars
+        figure = confusion_figure(matrices["confusion_matrix"], names, f"{task}: {path.name}, {len(samples)} images")
+        figure.savefig(out_dir / f"confusion_{task}.png", dpi=100)
+        plt.close(figure)
+        confidence, predicted = (values.tolist() for values in probs[task].max(dim=1))
+        wrong = [i for i, (t, p) in enumerate(zip(true_list, predicted)) if t != p]
+        mistakes[task] = [(samples[i].file, names[true_list[i]], names[predicted[i]], confidence[i]) for i in wrong]
+        shown = wrong[:max_grid_images]
+        # Drawn from the files at tile size: the model's own input may be too small to recognise a card by eye.
+        display = [load_image(samples[i].path, TILE, recognizer.background) for i in shown]
+        grid = misclassified_grid(display, [names[true_list[i]] for i in shown], [names[predicted[i]] for i in shown],
+                                  max_grid_images)
+        Image.fromarray(grid).save(out_dir / f"misclassified_{task}.png")
+
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out_dir / "report.md").write_text(markdown(report, state, mistakes, max_grid_images))
+    log.info("%s; report in %s", "  ".join(f"{t}/top1 {m['top1_acc']:.3f}" for t, m in report["tasks"].items()
+                                           if "top1_acc" in m), out_dir / "report.md")
+    return report
+
+
+def class_indices(task: str, labels: list[str], names: list[str], labels_file) -> torch.Tensor:
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted(set(labels) - index.keys())
+    if unknown:
+        raise UserError(f"task {task}: dataset.labels_file={labels_file} has classes the checkpoint does not know: "
+                        f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}; evaluate a checkpoint "
+                        f"trained on them, or a labelled set without them")
+    return torch.tensor([index[label] for label in labels])
+
+
+def default_out_dir(checkpoint: Path) -> Path:
+    """outputs/evaluate/<date>_<time>_<stem> for a run's checkpoint, outputs/evaluate/<stem> otherwise."""
+    if checkpoint.parent.name == "checkpoints":
+        run = checkpoint.parent.parent.resolve()
+        return Path("outputs/evaluate") / f"{run.parent.name}_{run.name}_{checkpoint.stem}"
+    return Path("outputs/evaluate") / checkpoint.stem
+
+
+def misclassified_grid(images_uint8, true_labels: list[str], predicted_labels: list[str],
+                       max_images: int = 32) -> np.ndarray:
+    """A grid (HxWx3 uint8) of the images whose true label differs from the predicted one, the first
+    `max_images` of them, with "true" and "pred" written under each. Images: N x H x W x 3 uint8
+    (or a list of such arrays, any sizes). For TensorBoard: writer.add_image(tag, grid, step, dataformats="HWC")."""
+    picked = [(image, t, p) for image, t, p in zip(images_uint8, true_labels, predicted_labels)
+              if str(t) != str(p)][:max_images]
+    font = default_font()
+    columns = max(1, min(MAX_COLUMNS, len(picked)))
+    rows = max(1, -(-len(picked) // columns))
+    canvas = Image.new("RGB", (columns * (TILE + GAP), rows * (TILE + TEXT_HEIGHT + GAP)), (24, 24, 24))
+    draw = ImageDraw.Draw(canvas)
+    if not picked:
+        draw.text((4, TILE // 2), "no misclassified images", fill=(220, 220, 220), font=font)
+    for n, (image, true, pred) in enumerate(picked):
+        x, y = (n % columns) * (TILE + GAP), (n // columns) * (TILE + TEXT_HEIGHT + GAP)
+        tile = Image.fromarray(np.asarray(image, dtype=np.uint8))
+        # Upscale small training-size images without blurring them into mush.
+        small = max(tile.size) < TILE
+        canvas.paste(tile.resize((TILE, TILE), Image.Resampling.NEAREST if small else Image.Resampling.BILINEAR),
+                     (x, y))
+        draw.text((x + 2, y + TILE + 2), fit(f"true {true}", font), fill=(140, 230, 140), font=font)
+        draw.text((x + 2, y + TILE + 15), fit(f"pred {pred}", font), fill=(250, 130, 130), font=font)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def default_font():
+    try:
+        return ImageFont.load_default(size=11)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def fit(text: str, font, width: int = TILE - 4) -> str:
+    """Cut `text` to the tile's width, marking the cut."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def markdown(report: dict, state: dict, mistakes: dict, max_rows: int) -> str:
+    config = state["config"]
+    lines = [f"# Evaluation of `{report['checkpoint']}`", "",
+             f"- model: {config['model']['backbone']}, epoch {state.get('epoch')}, "
+             f"image size {state['preprocessing']['image_size']}",
+             f"- data: `{report['labels_file']}`, {report['num_images']} original images (augmented ignored)"]
+    if report["skipped"]:
+        lines.append(f"- skipped {len(report['skipped'])} unreadable images: {', '.join(report['skipped'][:10])}")
+    for task, scores in report["tasks"].items():
+        names = state["class_names"][task]
+        lines += ["", f"## {task} (field `{state['fields'][task]}`, {len(names)} classes)", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {value:.4f} |" for name, value in scores.items()]
+        lines += ["", f"![confusion matrix](confusion_{task}.png)", "",
+                  f"### Misclassified: {len(mistakes[task])} of {report['num_images']}", ""]
+        if mistakes[task]:
+            lines += [f"![misclassified](misclassified_{task}.png)", "",
+                      "| image | true | predicted | probability |", "|---|---|---|---|"]
+            lines += [f"| {file} | {true} | {pred} | {p:.3f} |" for file, true, pred, p in mistakes[task][:max_rows]]
+            if len(mistakes[task]) > max_rows:
+                lines.append(f"\n... and {len(mistakes[task]) - max_rows} more")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""`python -m balatro_train.export checkpoint=<file or run folder> format=onnx|torchscript [out=...] [benchmark=true]`
+
+Writes the model for deployment with a dynamic batch size, input `images` (float32, N x 3 x S x S,
+already normalised) and one logits output per task, in the checkpoint's task order. Beside it,
+`<out without suffix>.json` holds the class names and the preprocessing constants; the same
+entries are in the ONNX file's metadata_props (JSON strings) and in the TorchScript file's
+extra file `balatro_train.json`. Default `out`: next to the checkpoint, `<stem>.onnx` or
+`<stem>.torchscript.pt`.
+
+`benchmark=true` then times single-image and batch-32 inference of the exported model and of
+PyTorch eager on `benchmark_threads` CPU threads, and prints a table.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from balatro_train.checkpoint import load_checkpoint
+from balatro_train.errors import UserError
+from balatro_train.inference import CONFIG_DIR, build_model, log_to_stderr, resolve_checkpoint
+
+log = logging.getLogger("balatro_train.export")
+FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+MIN_OPSET = 17
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    log_to_stderr()
+    try:
+        out = export(cfg.checkpoint, cfg.format, cfg.out, cfg.opset)
+        if cfg.benchmark:
+            print_table(benchmark(out, cfg.format, cfg.benchmark_threads, cfg.benchmark_runs))
+    except UserError as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+class Exportable(nn.Module):
+    """CardNet's backbone and heads as a plain graph: CardNet.forward switches autograd on and off,
+    which neither exporter should see. Returns a tuple (ONNX) or a dict (TorchScript) of logits."""
+
+    def __init__(self, model: nn.Module, tasks: list[str], as_dict: bool):
+        super().__init__()
+        self.model, self.tasks, self.as_dict = model, tasks, as_dict
+
+    def forward(self, images: torch.Tensor):
+        features = self.model.backbone(images)
+        logits = [self.model.heads[task](features) for task in self.tasks]
+        return dict(zip(self.tasks, logits)) if self.as_dict else tuple(logits)
+
+
+def export(checkpoint, fmt: str, out=None, opset: int = MIN_OPSET) -> Path:
+    """Export and write the sidecar JSON; returns the model file's path."""
+    if fmt not in FORMATS:
+        raise UserError(f"format={fmt} is not supported: use format=onnx or format=torchscript")
+    if fmt == "onnx" and opset < MIN_OPSET:
+        raise UserError(f"opset={opset} is too old: use opset={MIN_OPSET} or newer")
+    path = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(path, "checkpoint")
+    model, tasks = build_model(state), list(state["class_names"])
+    size = int(state["preprocessing"]["image_size"])
+    out = Path(out) if out else path.with_name(path.stem + FORMATS[fmt])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = metadata(state, path, fmt, tasks)
+    example = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        if fmt == "onnx":
+            export_onnx(Exportable(model, tasks, as_dict=False), example, out, tasks, opset, meta)
+        else:
+            with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; it still loads in C++/Java
+                warnings.simplefilter("ignore", FutureWarning)
+                traced = torch.jit.trace(Exportable(model, tasks, as_dict=True), example, strict=False)
+                torch.jit.save(traced, str(out), _extra_files={"balatro_train.json": json.dumps(meta)})
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    log.info("exported %s to %s (class names and preprocessing in %s)", path, out, out.with_suffix(".json"))
+    return out
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, tasks: list[str], opset: int, meta: dict):
+    import onnx
+
+    # The legacy (TorchScript-based) exporter: the dynamo one needs onnxscript, which this project does not pull
+    # in (torch < 2.5 has only the legacy one). Its deprecation warning is expected, not news for the user.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+        torch.onnx.export(model, (example,), str(out), opset_version=opset, input_names=["images"],
+                          output_names=tasks, dynamic_axes={name: {0: "batch"} for name in ["images", *tasks]},
+                          do_constant_folding=True, **legacy)
+    proto = onnx.load(str(out))
+    onnx.helper.set_model_props(proto, {key: json.dumps(value) for key, value in meta.items()})
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+
+
+def metadata(state: dict, checkpoint: Path, fmt: str, tasks: list[str]) -> dict:
+    """What a deployment needs besides the weights: how to prepare an image and how to read the outputs."""
+    prep = state["preprocessing"]
+    steps = {t["__class_fullname__"]: t for t in prep["val_transforms"]["transform"]["transforms"]}
+    normalize = steps.get("Normalize", {})
+    size = int(prep["image_size"])
+    return {
+        "format": fmt,
+        "checkpoint": str(checkpoint),
+        "backbone": state["config"]["model"]["backbone"],
+        "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW, RGB"},
+        "outputs": {task: {"shape": ["batch", len(state["class_names"][task])], "values": "logits; softmax them"}
+                    for task in tasks},
+        "class_names": state["class_names"],
+        "fields": state["fields"],
+        "preprocessing": {
+            "steps": "composite transparency on background, resize to image_size x image_size (bilinear), "
+                     "divide by max_pixel_value, subtract mean, divide by std, HWC -> CHW",
+            "image_size": size,
+            "background": list(prep["background"]),
+            "mean": list(normalize.get("mean", ())),
+            "std": list(normalize.get("std", ())),
+            "max_pixel_value": normalize.get("max_pixel_value"),
+            "val_transforms": prep["val_transforms"],
+        },
+    }
+
+
+def benchmark(exported: Path, fmt: str, threads: int = 2, runs: int = 50) -> list[dict]:
+    """Latency of the exported model and of PyTorch eager (as Recognizer runs it) on `threads` CPU threads."""
+    meta = json.loads(exported.with_suffix(".json").read_text())
+    state = load_checkpoint(meta["checkpoint"], "checkpoint")
+    size = meta["preprocessing"]["image_size"]
+    torch.set_num_threads(threads)
+    model = build_model(state).to(memory_format=torch.channels_last)
+    runners = {"pytorch eager (channels_last)": lambda x: model(torch.from_numpy(x).to(memory_format=torch.channels_last))}
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(str(exported), options, providers=["CPUExecutionProvider"])
+        runners["onnxruntime"] = lambda x: session.run(None, {"images": x})
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(str(exported))
+        runners["torchscript"] = lambda x: scripted(torch.from_numpy(x))
+    rows = []
+    with torch.inference_mode():
+        for batch in (1, 32):
+            images = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+            for name, run in runners.items():
+                rows.append({"runtime": name, "batch": batch, "image_size": size, "threads": threads,
+                             **time_calls(run, images, runs if batch == 1 else max(3, runs // 5))})
+    return rows
+
+
+def time_calls(run, images: np.ndarray, runs: int) -> dict:
+    for _ in range(3):  # warm-up: allocations, oneDNN/ORT kernel selection
+        run(images)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run(images)
+        times.append((time.perf_counter() - start) * 1000)
+    median = float(np.median(times))
+    return {"median_ms": median, "p90_ms": float(np.percentile(times, 90)), "ms_per_image": median / len(images),
+            "runs": runs}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'runtime':<32}{'batch':>6}{'median ms':>11}{'p90 ms':>9}{'ms/image':>10}   "
+          f"({rows[0]['image_size']}x{rows[0]['image_size']}, {rows[0]['threads']} CPU threads)")
+    for r in rows:
+        print(f"{r['runtime']:<32}{r['batch']:>6}{r['median_ms']:>11.2f}{r['p90_ms']:>9.2f}{r['ms_per_image']:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""`python -m balatro_train.predict checkpoint=<file or run folder> images=<image, folder or glob>`
+
+Prints (or writes to `out`) one JSON object keyed by image file name, in the shape the
+annotation tool reads to pre-fill its labels:
+
+    {"card.png": {"raw":    {"identification": {"indices": [3, 0, 1], "probs": [0.91, 0.05, 0.02]}},
+                  "labels": {"identification": [{"label": "The Fool", "probability": 0.91}, ...]}}}
+
+`raw` is the model's top-k as is; `threshold` only drops entries from `labels`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, ListConfig
+
+from balatro_train.data import load_image
+from balatro_train.errors import UserError
+from balatro_train.inference import CONFIG_DIR, Recognizer, log_to_stderr, resolve_checkpoint
+
+log = logging.getLogger("balatro_train.predict")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+def main(cfg: DictConfig) -> None:
+    log_to_stderr()
+    try:
+        predict(cfg)
+    except UserError as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+def predict(cfg: DictConfig) -> dict:
+    if cfg.topk < 1:
+        raise UserError(f"topk={cfg.topk} must be at least 1")
+    if cfg.threshold is not None and not 0.0 <= cfg.threshold <= 1.0:
+        raise UserError(f"threshold={cfg.threshold} must be a probability between 0 and 1")
+    checkpoint = resolve_checkpoint(cfg.checkpoint)  # first: the cheaper mistake to report
+    paths = find_images(cfg.images)
+    recognizer = Recognizer.from_checkpoint(checkpoint, cfg.device, cfg.batch_size)
+    images, kept = [], []
+    for path in paths:
+        try:
+            images.append(load_image(path, recognizer.image_size, recognizer.background))
+            kept.append(path)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files: skip, say so
+            log.warning("skipping %s: not a readable image (%s)", path, type(e).__name__)
+    if not kept:
+        raise UserError(f"images={cfg.images}: none of the {len(paths)} matched files is a readable image")
+    log.info("predicting %d images on %s", len(kept), recognizer.device)
+    top = recognizer.top_k(recognizer.probabilities(images), cfg.topk)
+    result = {}
+    for n, key in enumerate(result_keys(kept)):
+        raw, labels = {}, {}
+        for task, per_image in top.items():
+            indices, probs = per_image[n]
+            raw[task] = {"indices": indices, "probs": probs}
+            labels[task] = [{"label": recognizer.class_names[task][i], "probability": p}
+                            for i, p in zip(indices, probs) if cfg.threshold is None or p >= cfg.threshold]
+        result[key] = {"raw": raw, "labels": labels}
+    text = json.dumps(result, indent=1)
+    if cfg.out:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        log.info("wrote predictions for %d images to %s", len(result), out)
+    else:
+        try:
+            print(text, flush=True)
+        except BrokenPipeError:  # `... | head`: the reader has gone, which is not an error
+            sys.stdout = open(os.devnull, "w")
+    return result
+
+
+def find_images(spec) -> list[Path]:
+    """An image file, a folder (its images, not recursive), a glob (`**` recurses), or a list of these."""
+    if spec is None or spec == "":
+        raise UserError("images= is required: give an image file, a folder of images or a quoted glob "
+                        "such as 'shots/*.png'")
+    if isinstance(spec, (list, ListConfig)):
+        return [path for item in spec for path in find_images(item)]
+    path = Path(str(spec))
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not found:
+            raise UserError(f"images={spec}: the folder holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        return found
+    found = sorted(Path(p) for p in glob.glob(str(spec), recursive=True)
+                   if Path(p).suffix.lower() in IMAGE_SUFFIXES and Path(p).is_file())
+    if not found:
+        raise UserError(f"images={spec}: no image matched; give an existing image file, a folder or a glob "
+                        f"such as 'shots/*.png'")
+    return found
+
+
+def result_keys(paths: list[Path]) -> list[str]:
+    """File names, as labels.json keys them; the paths themselves when two names collide."""
+    names = [p.name for p in paths]
+    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Predict, evaluate and export on one tiny trained model, through the command lines as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from balatro_train.checkpoint import load_checkpoint
+from balatro_train.data import load_image
+from balatro_train.errors import UserError
+from balatro_train.evaluate import evaluate, misclassified_grid
+from balatro_train.export import export
+from balatro_train.inference import Recognizer, build_model
+from balatro_train.predict import find_images, predict
+from conftest import run_cli, run_dirs, tiny_overrides, write_dataset
+
+try:
+    import fcntl
+except ImportError:  # Windows: each xdist worker trains its own model
+    fcntl = None
+
+TASKS = ("identification", "modifier")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny model (32 px, 2 epochs) and the predict CLI's output on its images, shared by every test
+    here. Under pytest-xdist the first worker makes them and the others wait for it and reuse them."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER") and fcntl is not None:
+        shared = shared.parent  # pytest-N/: this session's workers, no other session's
+    work = shared / "inference_model"
+    with open(shared / "inference_model.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (work / "predictions.json").is_file():
+            shutil.rmtree(work, ignore_errors=True)
+            data = write_dataset(work / "labelled")
+            run_cli([*tiny_overrides(data, work / "labelled"), "trainer.epochs=2", "publish_to=null"], cwd=work)
+            # logging goes to stderr, so stdout is pure JSON; threshold=0.3 only filters "labels"
+            result = run_cli([f"checkpoint={run_dirs(work)[0]}", f"images={work / 'labelled/dataset_default'}",
+                              "topk=3", "threshold=0.3"], cwd=work, module="balatro_train.predict")
+            (work / "predictions.json").write_text(result.stdout)
+    [run] = run_dirs(work)
+    state = load_checkpoint(run / "checkpoints" / "best.pt")
+    root = work / "labelled"
+    return SimpleNamespace(work=work, root=root, labels_file=root / "dataset_default" / "labels.json", run=run,
+                           checkpoint=run / "checkpoints" / "best.pt", class_names=state["class_names"],
+                           images=root / "dataset_default",
+                           predictions=json.loads((work / "predictions.json").read_text()))
+
+
+def test_predict_cli_prints_the_annotation_tool_shape(trained):
+    assert set(trained.predictions) == {p.name for p in trained.images.glob("*.png")}
+    for file, entry in trained.predictions.items():
+        assert set(entry) == {"raw", "labels"} and set(entry["raw"]) == set(entry["labels"]) == set(TASKS)
+        for task, names in trained.class_names.items():
+            raw = entry["raw"][task]
+            assert len(raw["indices"]) == len(raw["probs"]) == min(3, len(names))
+            assert raw["probs"] == sorted(raw["probs"], reverse=True)
+            assert sum(raw["probs"]) <= 1 + 1e-5 and all(0 <= p <= 1 for p in raw["probs"])
+            # threshold=0.3 drops labels, never raw entries
+            kept = [(names[i], p) for i, p in zip(raw["indices"], raw["probs"]) if p >= 0.3]
+            assert [(x["label"], x["probability"]) for x in entry["labels"][task]] == kept
+        assert entry["raw"]["identification"]["probs"][0] > 0.3  # 4 classes: the best has at least 1/4
+        assert entry["labels"]["identification"][0]["label"] in trained.class_names["identification"]
+
+
+def test_predict_writes_out_file_and_keeps_low_labels_without_threshold(trained, tmp_path):
+    out = tmp_path / "sub" / "predictions.json"
+    cfg = OmegaConf.create({"checkpoint": str(trained.checkpoint), "images": str(trained.images / "*_1.png"),
+                            "topk": 10, "threshold": None, "out": str(out), "device": "cpu", "batch_size": 3})
+    predict(cfg)
+    written = json.loads(out.read_text())
+    assert sorted(written) == sorted(p.name for p in trained.images.glob("*_1.png"))
+    for entry in written.values():
+        for task, names in trained.class_names.items():
+            assert len(entry["labels"][task]) == len(names)  # topk capped at the number of classes
+            assert sum(x["probability"] for x in entry["labels"][task]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_python_api_matches_the_cli_on_pil_rgba_and_batches(trained):
+    recognizer = Recognizer.from_checkpoint(trained.run, device="cpu")
+    file = "The_Fool_1.png"
+    pil = Image.open(trained.images / file)
+    rgba = np.asarray(pil.convert("RGBA"))
+    other = Image.open(trained.images / "Mercury_0.png")
+    expected = trained.predictions[file]["raw"]
+    for result in (recognizer.predict(pil), recognizer.predict(rgba), *recognizer.predict([pil, rgba, other])[:2]):
+        assert set(result) == set(TASKS)
+        for task, names in trained.class_names.items():
+            assert len(result[task]) == min(3, len(names))
+            assert result[task][0][0] == names[expected[task]["indices"][0]]
+            assert [p for _, p in result[task]] == pytest.approx(expected[task]["probs"], abs=1e-5)
+    batch = recognizer.predict([pil, rgba, other], topk=1)
+    assert len(batch) == 3 and all(len(r["modifier"]) == 1 for r in batch)
+    with pytest.raises(ValueError, match="HxWx3"):
+        recognizer.predict(np.zeros((8, 8), np.uint8))
+
+
+def test_transparent_numpy_images_are_flattened_like_training_files(trained, tmp_path):
+    recognizer = Recognizer.from_checkpoint(trained.checkpoint, device="cpu")
+    rgba = np.random.default_rng(0).integers(0, 256, (40, 30, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "card.png")
+    from_file = load_image(tmp_path / "card.png", recognizer.image_size, recognizer.background)
+    assert np.array_equal(recognizer.prepare(rgba), from_file)
+
+
+def test_evaluate_writes_report_metrics_and_figures(trained):
+    out = trained.work / "evaluation"
+    run_cli([f"checkpoint={trained.checkpoint}", f"dataset.labels_file={trained.labels_file}",
+             f"dataset.root={trained.root}", f"out_dir={out}"], cwd=trained.work, module="balatro_train.evaluate")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_images"] == 16  # every original, no augmented copy
+    for task in TASKS:
+        scores = metrics["tasks"][task]
+        assert {"top1_acc", "top3_acc", "precision", "recall", "f1"} <= set(scores)
+        assert all(0.0 <= v <= 1.0 for v in scores.values())
+        for name in (f"confusion_{task}.png", f"misclassified_{task}.png"):
+            with Image.open(out / name) as image:
+                assert image.width > 50 and image.height > 50
+    report = (out / "report.md").read_text()
+    assert "## identification" in report and "confusion_modifier.png" in report
+
+
+def test_evaluate_names_classes_the_checkpoint_does_not_know(trained, tmp_path):
+    labels = json.loads(trained.labels_file.read_text())
+    labels[next(iter(labels))]["name"] = "Planet X"
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    with pytest.raises(UserError, match="does not know: Planet X"):
+        evaluate(trained.checkpoint, tmp_path / "labels.json", trained.root, tmp_path / "out", device="cpu")
+
+
+def test_misclassified_grid_draws_only_the_mistakes():
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    grid = misclassified_grid(images, list("abcde"), list("axcyz"), max_images=2)
+    one = misclassified_grid(images[:2], ["a", "b"], ["a", "x"])
+    assert grid.dtype == np.uint8 and grid.ndim == 3 and grid.shape[2] == 3
+    assert grid.shape[1] == 2 * one.shape[1] and grid.shape[0] == one.shape[0]  # 2 of the 3 mistakes, one row
+    empty = misclassified_grid(images, list("abcde"), list("abcde"))
+    assert empty.shape[2] == 3 and empty.size > 0
+
+
+def reference_logits(trained, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.inference_mode():
+        return build_model(load_checkpoint(trained.checkpoint))(images)
+
+
+def test_onnx_export_matches_pytorch_for_a_dynamic_batch(trained):
+    import onnx
+    import onnxruntime as ort
+
+    out = trained.work / "export" / "cards.onnx"
+    run_cli([f"checkpoint={trained.run}", "format=onnx", f"out={out}"], cwd=trained.work,
+            module="balatro_train.export")
+    sidecar = json.loads((out.with_suffix(".json")).read_text())
+    assert sidecar["class_names"] == trained.class_names and sidecar["preprocessing"]["image_size"] == 32
+    assert sidecar["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["class_names"]) == trained.class_names
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == list(trained.class_names)
+    for batch in (1, 5):
+        images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        outputs = session.run(None, {"images": images.numpy()})
+        expected = reference_logits(trained, images)
+        for task, got in zip(trained.class_names, outputs):
+            assert got.shape == (batch, len(trained.class_names[task]))
+            assert np.abs(got - expected[task].numpy()).max() < 1e-4
+
+
+def test_torchscript_export_loads_and_matches(trained):
+    out = export(trained.checkpoint, "torchscript")  # in-process: the ONNX test covers the command line
+    assert out == trained.checkpoint.with_name("best.torchscript.pt")  # the default: next to the checkpoint
+    extra = {"balatro_train.json": ""}
+    with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; loading still works
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra["balatro_train.json"])["class_names"] == trained.class_names
+    for batch in (1, 5):
+        images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        with torch.inference_mode():
+            got = scripted(images)
+        for task, logits in reference_logits(trained, images).items():
+            assert (got[task] - logits).abs().max() < 1e-4
+
+
+def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path):
+    result = run_cli([f"checkpoint={tmp_path / 'nope.pt'}", "images=x.png"], cwd=tmp_path,
+                     module="balatro_train.predict", check=False)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert f"checkpoint={tmp_path / 'nope.pt'}: no such checkpoint file" in line and "Traceback" not in line
+    assert result.stdout == "" and not (tmp_path / "outputs").exists()  # no run folder either
+    # evaluate and export report it the same way (their mains catch UserError as predict's does)
+    for run in (lambda: evaluate(tmp_path / "nope.pt", tmp_path / "labels.json"),
+                lambda: export(tmp_path / "nope.pt", "onnx")):
+        with pytest.raises(UserError, match="no such checkpoint file"):
+            run()
+
+
+def test_export_refuses_an_unknown_format(tmp_path):
+    with pytest.raises(UserError, match="format=tflite is not supported: use format=onnx or format=torchscript"):
+        export(tmp_path / "any.pt", "tflite")
+
+
+def test_no_image_matched_names_the_key(tmp_path):
+    with pytest.raises(UserError, match=r"images=.*\*\.png: no image matched"):
+        find_images(f"{tmp_path}/*.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match="the folder holds no image"):
+        find_images(tmp_path)
