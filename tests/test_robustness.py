@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli, run_dirs, tiny_overrides, write_dataset
+from conftest import run_cli, run_dirs, tiny_overrides, write_dataset
 
 TIMING_KEYS = {"epoch_seconds", "train_images_per_sec"}
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import run_cli, run_dirs, tiny_overrides
 
@@ -30,7 +31,11 @@ def test_single_run_leaves_a_complete_run_folder(dataset, tmp_path):
                  "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/epoch_002.pt", "checkpoints/epoch_004.pt"):
         assert (run / name).is_file(), name
     assert not (run / "checkpoints/epoch_003.pt").exists()
-    assert list((run / "tb").rglob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert {"train_loss", "val_loss", "lr", "identification/top3_acc", "modifier/val_loss"} <= set(events.Tags()["scalars"])
+    assert {"modifier/confusion_matrix", "modifier/misclassified", "identification/misclassified"} <= \
+        set(events.Tags()["images"])
 
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]

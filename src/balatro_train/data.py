@@ -69,15 +69,21 @@ def resolve_image_path(file: str, meta: dict, labels_file: Path, root: Path) -> 
 
 
 def load_image(path: Path, size: int, background: tuple[int, int, int]) -> np.ndarray:
-    """Decode any PNG/JPEG (RGB, RGBA, palette, grey), flatten transparency, resize to size x size."""
+    """Decode any PNG/JPEG (RGB, RGBA, palette, grey) into a size x size uint8 RGB array."""
     with Image.open(path) as image:
         image.load()
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")
-            flat = Image.new("RGBA", image.size, (*background, 255))
-            flat.alpha_composite(image)
-            image = flat
-        image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+        return flatten_image(image, size, background)
+
+
+def flatten_image(image: Image.Image, size: int, background) -> np.ndarray:
+    """Composite transparency on the background colour, then resize to size x size (training and
+    inference prepare every image with this one function)."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        flat = Image.new("RGBA", image.size, (*background, 255))
+        flat.alpha_composite(image)
+        image = flat
+    image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
 
 

@@ -18,17 +18,17 @@ import sys
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from balatro_train.checkpoint import load_checkpoint
 from balatro_train.data import check_fields, load_image, load_images, read_labels
 from balatro_train.errors import UserError
-from balatro_train.inference import CONFIG_DIR, Recognizer, log_to_stderr, resolve_checkpoint
-from balatro_train.metrics import build_metrics, confusion_figure, split_results
+from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
+from balatro_train.metrics import TILE, build_metrics, confusion_figure, misclassified_grid, split_results
+from balatro_train.train import CONFIG_DIR
 
 log = logging.getLogger("balatro_train.evaluate")
 
@@ -46,7 +46,6 @@ STANDARD_METRICS = {
     "f1": _metric("MulticlassF1Score", average="macro"),
     "confusion_matrix": _metric("MulticlassConfusionMatrix"),
 }
-TILE, TEXT_HEIGHT, GAP, MAX_COLUMNS = 112, 30, 4, 8
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
@@ -136,48 +135,6 @@ def default_out_dir(checkpoint: Path) -> Path:
         run = checkpoint.parent.parent.resolve()
         return Path("outputs/evaluate") / f"{run.parent.name}_{run.name}_{checkpoint.stem}"
     return Path("outputs/evaluate") / checkpoint.stem
-
-
-def misclassified_grid(images_uint8, true_labels: list[str], predicted_labels: list[str],
-                       max_images: int = 32) -> np.ndarray:
-    """A grid (HxWx3 uint8) of the images whose true label differs from the predicted one, the first
-    `max_images` of them, with "true" and "pred" written under each. Images: N x H x W x 3 uint8
-    (or a list of such arrays, any sizes). For TensorBoard: writer.add_image(tag, grid, step, dataformats="HWC")."""
-    picked = [(image, t, p) for image, t, p in zip(images_uint8, true_labels, predicted_labels)
-              if str(t) != str(p)][:max_images]
-    font = default_font()
-    columns = max(1, min(MAX_COLUMNS, len(picked)))
-    rows = max(1, -(-len(picked) // columns))
-    canvas = Image.new("RGB", (columns * (TILE + GAP), rows * (TILE + TEXT_HEIGHT + GAP)), (24, 24, 24))
-    draw = ImageDraw.Draw(canvas)
-    if not picked:
-        draw.text((4, TILE // 2), "no misclassified images", fill=(220, 220, 220), font=font)
-    for n, (image, true, pred) in enumerate(picked):
-        x, y = (n % columns) * (TILE + GAP), (n // columns) * (TILE + TEXT_HEIGHT + GAP)
-        tile = Image.fromarray(np.asarray(image, dtype=np.uint8))
-        # Upscale small training-size images without blurring them into mush.
-        small = max(tile.size) < TILE
-        canvas.paste(tile.resize((TILE, TILE), Image.Resampling.NEAREST if small else Image.Resampling.BILINEAR),
-                     (x, y))
-        draw.text((x + 2, y + TILE + 2), fit(f"true {true}", font), fill=(140, 230, 140), font=font)
-        draw.text((x + 2, y + TILE + 15), fit(f"pred {pred}", font), fill=(250, 130, 130), font=font)
-    return np.asarray(canvas, dtype=np.uint8)
-
-
-def default_font():
-    try:
-        return ImageFont.load_default(size=11)
-    except TypeError:  # Pillow < 10.1: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def fit(text: str, font, width: int = TILE - 4) -> str:
-    """Cut `text` to the tile's width, marking the cut."""
-    if font.getlength(text) <= width:
-        return text
-    while text and font.getlength(text + "…") > width:
-        text = text[:-1]
-    return text + "…"
 
 
 def markdown(report: dict, state: dict, mistakes: dict, max_rows: int) -> str:

@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 
 from balatro_train.checkpoint import load_checkpoint
+from balatro_train.data import flatten_image
 from balatro_train.errors import UserError
 from balatro_train.model import CardNet
+from balatro_train.train import resolve_device
 
 log = logging.getLogger(__name__)
-# conf/ sits at the top of the checkout, beside src/ (as in train.py, without importing the trainer).
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
@@ -48,34 +48,12 @@ def resolve_checkpoint(path: str | Path | None, key: str = "checkpoint") -> Path
     return path
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={name} but no CUDA device is visible; use device=auto or cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name} is not a device: use auto, cpu, cuda or cuda:N") from None
-
-
 def build_model(state: dict) -> CardNet:
     """The checkpoint's CardNet in eval mode, on the CPU."""
     num_classes = {task: len(names) for task, names in state["class_names"].items()}
     model = CardNet(state["config"]["model"]["backbone"], num_classes=num_classes, pretrained=False)
     model.load_state_dict(state["model"])
     return model.eval()
-
-
-def flatten_image(image: Image.Image, size: int, background: Sequence[int]) -> np.ndarray:
-    """Same steps as `balatro_train.data.load_image`, for an image already in memory."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        flat = Image.new("RGBA", image.size, (*background, 255))
-        flat.alpha_composite(image)
-        image = flat
-    image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
 
 
 def as_pil(image) -> Image.Image:
@@ -93,7 +71,7 @@ class Recognizer:
     """A checkpoint loaded once, for repeated predictions on CPU or GPU."""
 
     def __init__(self, state: dict, device: str | torch.device = "auto", batch_size: int = 32):
-        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.device = resolve_device(device, key="device") if isinstance(device, str) else device
         self.class_names: dict[str, list[str]] = state["class_names"]
         self.fields: dict[str, str] = state["fields"]
         prep = state["preprocessing"]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
+from PIL import Image, ImageDraw, ImageFont
 from torchmetrics import MetricCollection
 
 from balatro_train.errors import UserError
+
+TILE, TEXT_HEIGHT, GAP, MAX_COLUMNS = 112, 30, 4, 8  # the misclassified grid's layout, in pixels
 
 
 def build_metrics(task_name: str, metrics_cfg, num_classes: int) -> MetricCollection:
@@ -57,3 +61,45 @@ def confusion_figure(matrix: torch.Tensor, class_names: list[str], title: str):
                     color="white" if count > matrix.max().item() / 2 else "black")
     fig.tight_layout()
     return fig
+
+
+def misclassified_grid(images_uint8, true_labels: list[str], predicted_labels: list[str],
+                       max_images: int = 32) -> np.ndarray:
+    """A grid (HxWx3 uint8) of the images whose true label differs from the predicted one, the first
+    `max_images` of them, with "true" and "pred" written under each. Images: N x H x W x 3 uint8
+    (or a list of such arrays, any sizes). For TensorBoard: writer.add_image(tag, grid, step, dataformats="HWC")."""
+    picked = [(image, t, p) for image, t, p in zip(images_uint8, true_labels, predicted_labels)
+              if str(t) != str(p)][:max_images]
+    font = default_font()
+    columns = max(1, min(MAX_COLUMNS, len(picked)))
+    rows = max(1, -(-len(picked) // columns))
+    canvas = Image.new("RGB", (columns * (TILE + GAP), rows * (TILE + TEXT_HEIGHT + GAP)), (24, 24, 24))
+    draw = ImageDraw.Draw(canvas)
+    if not picked:
+        draw.text((4, TILE // 2), "no misclassified images", fill=(220, 220, 220), font=font)
+    for n, (image, true, pred) in enumerate(picked):
+        x, y = (n % columns) * (TILE + GAP), (n // columns) * (TILE + TEXT_HEIGHT + GAP)
+        tile = Image.fromarray(np.asarray(image, dtype=np.uint8))
+        # Upscale small training-size images without blurring them into mush.
+        small = max(tile.size) < TILE
+        canvas.paste(tile.resize((TILE, TILE), Image.Resampling.NEAREST if small else Image.Resampling.BILINEAR),
+                     (x, y))
+        draw.text((x + 2, y + TILE + 2), fit(f"true {true}", font), fill=(140, 230, 140), font=font)
+        draw.text((x + 2, y + TILE + 15), fit(f"pred {pred}", font), fill=(250, 130, 130), font=font)
+    return np.asarray(canvas, dtype=np.uint8)
+
+
+def default_font():
+    try:
+        return ImageFont.load_default(size=11)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def fit(text: str, font, width: int = TILE - 4) -> str:
+    """Cut `text` to the tile's width, marking the cut."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"

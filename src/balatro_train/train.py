@@ -39,7 +39,7 @@ from balatro_train.checkpoint import copy_file_atomically, load_checkpoint, rest
 from balatro_train.config import check_config
 from balatro_train.data import EpochSampler, balanced_weights, build_data
 from balatro_train.errors import UserError
-from balatro_train.metrics import build_metrics, confusion_figure, split_results
+from balatro_train.metrics import build_metrics, confusion_figure, misclassified_grid, split_results
 from balatro_train.model import keep_frozen_batchnorm_in_eval, parameter_groups
 
 log = logging.getLogger("balatro_train")
@@ -219,8 +219,8 @@ def train(cfg: DictConfig) -> float:
                                   f"resume={checkpoints / 'last.pt'}")
             train_seconds = time.perf_counter() - started
             train_losses = mean_over_processes(totals, seen, world)
-            val_losses, results = validate(eval_model, val_loader, loss_fns, metrics, device, amp_dtype, memory_format,
-                                           world)
+            val_losses, results, predictions = validate(eval_model, val_loader, loss_fns, metrics, device, amp_dtype,
+                                                        memory_format, world)
             seconds = time.perf_counter() - started
 
             combine = {"max": max, "mean": lambda v: sum(v) / len(v), "sum": sum}[cfg.trainer.combine_losses]
@@ -247,7 +247,7 @@ def train(cfg: DictConfig) -> float:
                 scheduler.step()
             history.append(row)
             if is_main:
-                write_epoch(row, matrices, data.class_names, metrics_file, writer)
+                write_epoch(row, matrices, data, predictions, world, metrics_file, writer)
                 paths = [checkpoints / "last.pt"]
                 paths += [checkpoints / "best.pt"] if improved else []
                 paths += [checkpoints / f"epoch_{epoch:03d}.pt"] if epoch % cfg.trainer.checkpoint_interval == 0 else []
@@ -306,6 +306,7 @@ def validate(model, loader, loss_fns, metrics, device, amp_dtype, memory_format,
     model.eval()
     totals = {task: torch.zeros((), device=device) for task in loss_fns}
     seen = 0
+    predictions = {task: [] for task in loss_fns}
     for metric in metrics.values():
         metric.reset()
     for images, targets in loader:
@@ -316,13 +317,18 @@ def validate(model, loader, loss_fns, metrics, device, amp_dtype, memory_format,
             logits, target = outputs[task].float(), targets[task].to(device, non_blocking=True)
             totals[task] += fn(logits, target) * len(images)
             metrics[task].update(logits, target)
+            predictions[task].append(logits.argmax(dim=1))
         seen += len(images)
-    # torchmetrics gathers its states from every process in compute()
-    return mean_over_processes(totals, seen, world), {task: metric.compute() for task, metric in metrics.items()}
+    # torchmetrics gathers its states from every process in compute(); predictions stay this process's
+    return (mean_over_processes(totals, seen, world), {task: metric.compute() for task, metric in metrics.items()},
+            {task: torch.cat(p).cpu() for task, p in predictions.items()})
 
 
-def write_epoch(row: dict, matrices: dict, class_names: dict, metrics_file: Path, writer: SummaryWriter) -> None:
-    """Append the epoch to metrics.jsonl and TensorBoard (scalars, and matrices as figures)."""
+def write_epoch(row: dict, matrices: dict, data, predictions: dict, world: int, metrics_file: Path,
+                writer: SummaryWriter) -> None:
+    """Append the epoch to metrics.jsonl and TensorBoard: scalars, matrices as figures, and a grid of
+    the validation images each task got wrong (this process's share of them, under DDP)."""
+    class_names = data.class_names
     with metrics_file.open("a") as f:
         f.write(json.dumps(row) + "\n")
     epoch = row["epoch"]
@@ -333,6 +339,11 @@ def write_epoch(row: dict, matrices: dict, class_names: dict, metrics_file: Path
         for name, matrix in task_matrices.items():
             writer.add_figure(f"{task}/{name}", confusion_figure(matrix, class_names[task],
                                                                  f"{task} {name}, epoch {epoch}"), epoch)
+    for task, predicted in predictions.items():
+        names = class_names[task]
+        truth = [names[i] for i in data.val.targets[task][::world].tolist()]
+        grid = misclassified_grid(data.val.images[::world], truth, [names[i] for i in predicted.tolist()])
+        writer.add_image(f"{task}/misclassified", grid, epoch, dataformats="HWC")
 
 
 def mean_over_processes(totals: dict[str, torch.Tensor], seen: int, world: int) -> dict[str, float]:
@@ -421,15 +432,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name} but no CUDA device is visible; use trainer.device=auto or cpu")
+        raise UserError(f"{key}={name} but no CUDA device is visible; use {key}=auto or cpu")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UserError(f"trainer.device={name} is not a device: use auto, cpu, cuda or cuda:N") from None
+        raise UserError(f"{key}={name} is not a device: use auto, cpu, cuda or cuda:N") from None
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
