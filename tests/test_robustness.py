@@ -225,6 +225,10 @@ def test_bad_image_stops_the_run_or_is_skipped_and_listed(dataset, tmp_path, dam
     ("+tasks.modifier.metrics.auc._target_=torchmetrics.Nope", "tasks.modifier.metrics.auc: cannot build it"),
     ("data.image_size=16", "too small for the backbone"),
     ("trainer.batch_size=0", "trainer.batch_size=0 must be at least 1"),
+    ("trainer.epochs=0", "trainer.epochs=0 must be at least 1"),
+    ("optimizer.lr=-1", "optimizer.lr=-1 must be greater than 0"),
+    ("data.val_split=1.5", "data.val_split=1.5 must lie strictly between 0 and 1"),
+    ("tasks.modifier.train_transforms=sparkle", "tasks.modifier.train_transforms=sparkle is not a pipeline"),
 ])
 def test_unknown_names_and_impossible_values(dataset, tmp_path, override, message):
     data, root = dataset
