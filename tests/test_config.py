@@ -1,0 +1,35 @@
+"""The shipped config tree: every pipeline builds, and none can turn one edition into another."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from balatro_train.train import CONFIG_DIR
+
+# Editions are colour effects (and cards carry text): these would change an image's true label.
+FORBIDDEN = {"HueSaturationValue", "ColorJitter", "InvertImg", "ChannelShuffle", "ToGray", "RGBShift",
+             "HorizontalFlip", "VerticalFlip", "Solarize", "ToSepia", "FancyPCA", "PlanckianJitter"}
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=["data.image_size=48"])
+
+
+@pytest.mark.parametrize("name", ["train", "test", "none", "heavy", "light"])
+def test_every_pipeline_builds_and_keeps_editions_apart(cfg, name):
+    targets = {t["_target_"].rsplit(".", 1)[-1] for t in cfg.transforms[name].transforms}
+    assert not targets & FORBIDDEN
+    pipeline = instantiate(cfg.transforms[name])
+    image = pipeline(image=np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8))["image"]
+    assert tuple(image.shape) == (3, 48, 48) and image.dtype.is_floating_point
+
+
+def test_default_composition(cfg):
+    assert set(cfg.tasks) == {"identification", "modifier"}
+    assert cfg.tasks.identification.field == "name" and cfg.tasks.modifier.field == "modifier"
+    assert cfg.model.backbone == "resnet18" and cfg.optimizer.lr == 1e-4 and cfg.data.image_size == 48
