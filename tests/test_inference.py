@@ -31,6 +31,18 @@ except ImportError:  # Windows: each xdist worker trains its own model
 TASKS = ("identification", "modifier")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_per_process():
+    """The suite runs two xdist workers on two cores: a worker and the CLI it starts each spinning two torch
+    threads would oversubscribe the cores many times over (here 2-10x slower). Restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # the predict/evaluate/export subprocesses (training sets its own)
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny model (32 px, 2 epochs) and the predict CLI's output on its images, shared by every test

@@ -142,7 +142,8 @@ def benchmark(exported: Path, fmt: str, threads: int = 2, runs: int = 50) -> lis
     size = meta["preprocessing"]["image_size"]
     torch.set_num_threads(threads)
     model = build_model(state).to(memory_format=torch.channels_last)
-    runners = {"pytorch eager (channels_last)": lambda x: model(torch.from_numpy(x).to(memory_format=torch.channels_last))}
+    runners = {"pytorch eager (channels_last)":
+               lambda x: model(torch.from_numpy(x).to(memory_format=torch.channels_last))}
     if fmt == "onnx":
         import onnxruntime as ort
 
