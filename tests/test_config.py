@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from balatro_train.train import CONFIG_DIR
+from balatro_train.config import CONFIG_DIR
 
 # Editions are colour effects (and cards carry text): these would change an image's true label.
 FORBIDDEN = {"HueSaturationValue", "ColorJitter", "InvertImg", "ChannelShuffle", "ToGray", "RGBShift",

@@ -28,7 +28,9 @@ from balatro_train.config import check_config
 from balatro_train.data import build_data
 from balatro_train.errors import UserError
 from balatro_train.model import parameter_groups
-from balatro_train.train import CONFIG_DIR, make_loaders, resolve_device, resolve_precision, train_one_epoch
+from balatro_train.config import CONFIG_DIR
+from balatro_train.device import resolve_device, resolve_precision
+from balatro_train.train import make_loaders, train_one_epoch
 
 
 def main(argv: list[str] | None = None) -> dict:

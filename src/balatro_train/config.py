@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -76,6 +77,9 @@ class TrainConfig:
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+# conf/ sits at the top of the checkout, beside src/ (the project is installed editable).
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 PRECISIONS = ("auto", "32", "bf16", "16")
 COMBINE_RULES = ("max", "mean", "sum")

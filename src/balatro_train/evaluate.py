@@ -28,7 +28,7 @@ from balatro_train.data import check_fields, load_image, load_images, read_label
 from balatro_train.errors import UserError
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
 from balatro_train.metrics import TILE, build_metrics, confusion_figure, misclassified_grid, split_results
-from balatro_train.train import CONFIG_DIR
+from balatro_train.config import CONFIG_DIR
 
 log = logging.getLogger("balatro_train.evaluate")
 

@@ -30,7 +30,7 @@ from torch import nn
 from balatro_train.checkpoint import load_checkpoint
 from balatro_train.errors import UserError
 from balatro_train.inference import build_model, log_to_stderr, resolve_checkpoint
-from balatro_train.train import CONFIG_DIR
+from balatro_train.config import CONFIG_DIR
 
 log = logging.getLogger("balatro_train.export")
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}

@@ -25,7 +25,7 @@ from balatro_train.checkpoint import load_checkpoint
 from balatro_train.data import flatten_image
 from balatro_train.errors import UserError
 from balatro_train.model import CardNet
-from balatro_train.train import resolve_device
+from balatro_train.device import resolve_device
 
 log = logging.getLogger(__name__)
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, ListConfig
 from balatro_train.data import load_image
 from balatro_train.errors import UserError
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
-from balatro_train.train import CONFIG_DIR
+from balatro_train.config import CONFIG_DIR
 
 log = logging.getLogger("balatro_train.predict")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}

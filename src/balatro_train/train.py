@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 from balatro_train import config  # noqa: F401  (registers the structured config)
 from balatro_train.checkpoint import copy_file_atomically, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from balatro_train.config import check_config
+from balatro_train.config import CONFIG_DIR, check_config
+from balatro_train.device import resolve_device, resolve_precision
 from balatro_train.data import EpochSampler, balanced_weights, build_data
 from balatro_train.errors import UserError
 from balatro_train.metrics import build_metrics, confusion_figure, misclassified_grid, split_results
@@ -47,8 +48,6 @@ log = logging.getLogger("balatro_train")
 # on purpose; Hydra would warn about that at every composition.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema",
                         category=UserWarning)
-# conf/ sits at the top of the checkout, beside src/ (the project is installed editable).
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -430,27 +429,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"{key}={name} but no CUDA device is visible; use {key}=auto or cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"{key}={name} is not a device: use auto, cpu, cuda or cuda:N") from None
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32. `auto` takes bf16 where the hardware runs it fast."""
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "16"
-        else:
-            precision = "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "32"
-    return {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
 
 
 def hparams(cfg) -> dict:
