@@ -10,9 +10,9 @@ import io
 import os
 import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
-from zipfile import BadZipFile
 
 import numpy as np
 import torch
@@ -58,12 +58,15 @@ def load_checkpoint(path: str | Path, key: str = "resume") -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0]
-        raise UserError(f"{key}={path}: refused, the file holds more than weights and plain data "
-                        f"({first_line}); only load checkpoints written by balatro-train") from None
-    except (RuntimeError, EOFError, BadZipFile, OSError) as e:
-        raise UserError(f"{key}={path}: not a readable checkpoint, truncated or corrupt "
-                        f"({type(e).__name__}); use another file, e.g. an epoch_NNN.pt beside it") from None
+        pickled_global = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if pickled_global:  # a pickled Python object: loading it could run code, so it is never loaded
+            raise UserError(f"{key}={path}: refused, the file holds a Python object ({pickled_global[1]}) "
+                            f"besides weights and plain data; only load checkpoints written by balatro-train") from None
+        raise UserError(f"{key}={path}: damaged or not a checkpoint (it does not unpickle as one); "
+                        f"use another file, e.g. an epoch_NNN.pt beside it") from None
+    except Exception as e:  # noqa: BLE001  (truncated zip, random bytes, text: torch raises many kinds)
+        raise UserError(f"{key}={path}: damaged or not a checkpoint, truncated or corrupt ({type(e).__name__}); "
+                        f"use another file, e.g. an epoch_NNN.pt beside it") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{key}={path}: not a balatro-train checkpoint (no '{FORMAT}' format tag)")
     return state
