@@ -30,6 +30,7 @@ class Sample:
     path: Path                 # the image on disk
     meta: dict                 # the labels entry: name, type, rarity, modifier, ...
     parent: str | None = None  # for an augmented image, the original's file name
+    source: str = ""           # the labels file that lists it
 
 
 def read_labels(labels_file: str | Path, root: str | Path, augmented: bool = False) -> list[Sample]:
@@ -39,9 +40,11 @@ def read_labels(labels_file: str | Path, root: str | Path, augmented: bool = Fal
         raise UserError(f"{labels_file}: labels file not found; set dataset.labels_file "
                         f"(or dataset.augmented_labels_files) to an existing file")
     try:
-        entries = json.loads(labels_file.read_text(encoding="utf-8"))
+        entries = json.loads(labels_file.read_text(encoding="utf-8"), object_pairs_hook=refuse_duplicate_keys)
     except json.JSONDecodeError as e:
         raise UserError(f"{labels_file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except DuplicateKey as e:
+        raise UserError(f"{labels_file}: {e.args[0]!r} is listed twice; keep one entry per image file") from None
     if not isinstance(entries, dict):
         raise UserError(f"{labels_file}: expected a JSON object mapping image file names to labels, "
                         f"found a {type(entries).__name__}")
@@ -52,20 +55,35 @@ def read_labels(labels_file: str | Path, root: str | Path, augmented: bool = Fal
         parent = meta.get("parent") if augmented else None
         if augmented and not parent:
             raise UserError(f"{labels_file}: augmented entry {file!r} has no 'parent'")
-        samples.append(Sample(file, resolve_image_path(file, meta, labels_file, Path(root)), meta, parent))
+        samples.append(Sample(file, resolve_image_path(file, meta, labels_file, Path(root)), meta, parent,
+                              str(labels_file)))
     return samples
 
 
+class DuplicateKey(ValueError):
+    pass
+
+
+def refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads keeps the last of two equal keys without a word: one image's labels would vanish."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 def resolve_image_path(file: str, meta: dict, labels_file: Path, root: Path) -> Path:
-    """`full_path` if absolute; else relative to `root`; failing that, the file beside the labels."""
+    """`full_path` (absolute, or relative to `root`) where that file exists; failing that, the file
+    beside the labels file (a set copied from another machine keeps its images beside its labels)."""
     full_path = meta.get("full_path")
     if full_path:
-        candidate = Path(full_path)
-        if candidate.is_absolute():
+        candidate = Path(full_path) if Path(full_path).is_absolute() else root / full_path
+        if candidate.is_file():
             return candidate
-        if (root / candidate).is_file():
-            return root / candidate
-    return labels_file.parent / file
+    beside = labels_file.parent / file
+    return beside if beside.is_file() or not full_path else candidate
 
 
 def load_image(path: Path, size: int, background: tuple[int, int, int]) -> np.ndarray:
@@ -138,6 +156,17 @@ def split_samples(originals: list[Sample], augmented: list[Sample], field: str, 
     train = [s.file for s in originals if s.file not in val]
     train += [s.file for s in augmented if s.parent not in val]
     return train, [s.file for s in originals if s.file in val]
+
+
+def check_unique_files(samples: list[Sample]) -> None:
+    """File names key the split and augmented parents, so one name may label one image only: an
+    augmented copy named like an original would silently take its place."""
+    where: dict[str, str] = {}
+    for sample in samples:
+        if sample.file in where:
+            raise UserError(f"{sample.file!r} is listed in both {where[sample.file]} and {sample.source}; "
+                            f"file names must be unique across the labels files: rename one of the images")
+        where[sample.file] = sample.source
 
 
 def check_fields(samples: list[Sample], tasks: dict, labels_files: list[str]) -> None:
@@ -235,6 +264,7 @@ def build_data(cfg, class_names: dict[str, list[str]] | None = None,
         raise UserError(f"{ds.labels_file}: the dataset is empty; label some images first")
     augmented = [s for f in ds.augmented_labels_files for s in read_labels(f, ds.root, augmented=True)]
     check_fields(originals + augmented, tasks, [ds.labels_file, *ds.augmented_labels_files])
+    check_unique_files(originals + augmented)
     known = {sample.file for sample in originals}
     for sample in augmented:
         if sample.parent not in known:
@@ -278,11 +308,18 @@ def build_data(cfg, class_names: dict[str, list[str]] | None = None,
         if unknown:
             raise UserError(f"task {task}: the data has classes the checkpoint does not know: "
                             f"{', '.join(unknown[:10])}; train without init_from/resume or fix the labels")
-        untrained = sorted({str(s.meta[t.field]) for s in val_samples}
-                           - {str(s.meta[t.field]) for s in train_samples})
+        # Every class the labels hold must train, including one seen only on an augmented copy of
+        # a validation image (such copies never train): the head could never learn it.
+        labelled = {str(s.meta[t.field]) for s in originals + augmented}
+        untrained = sorted(labelled - {str(s.meta[t.field]) for s in train_samples})
         if untrained:
             raise UserError(f"task {task}: classes with no training sample after the split: "
                             f"{', '.join(untrained[:10])}; label more images of them or lower data.val_split")
+        unvalidated = sorted(labelled - {str(s.meta[t.field]) for s in val_samples})
+        if unvalidated:
+            log.info("task %s: %d of %d classes have no validation image (too few originals): %s%s", task,
+                     len(unvalidated), len(labelled), ", ".join(unvalidated[:5]),
+                     ", ..." if len(unvalidated) > 5 else "")
         targets[task] = {part: torch.tensor([index[str(s.meta[t.field])] for s in samples])
                          for part, samples in (("train", train_samples), ("val", val_samples))}
 
