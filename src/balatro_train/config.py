@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf, ValidationError
 
 from balatro_train.errors import UserError
 
@@ -85,6 +86,18 @@ PRECISIONS = ("auto", "32", "bf16", "16")
 COMBINE_RULES = ("max", "mean", "sum")
 
 
+def typed_config(cfg: DictConfig) -> DictConfig:
+    """`cfg` checked against the structured config. Hydra applies the schema when it composes
+    conf/train.yaml, but not when a run is re-run from its saved .hydra/config.yaml, which has no
+    defaults list: the same wrong type must be refused the same way there."""
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
+    except ValidationError as e:
+        raise UserError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
+    OmegaConf.set_struct(typed, OmegaConf.is_struct(cfg))
+    return typed
+
+
 def check_config(cfg) -> None:
     """Reject impossible values before any data is read, naming the key and the fix."""
     t, d = cfg.trainer, cfg.data
@@ -104,6 +117,8 @@ def check_config(cfg) -> None:
         raise UserError(f"data.background={list(d.background)} must be three values from 0 to 255")
     if d.on_bad_image not in ("error", "skip"):
         raise UserError(f"data.on_bad_image={d.on_bad_image} must be error or skip")
+    if t.batch_size < 2:
+        raise UserError(f"trainer.batch_size={t.batch_size}: BatchNorm needs at least 2 images per batch; use 2 or more")
     if t.precision not in PRECISIONS:
         raise UserError(f"trainer.precision={t.precision} is not one of {', '.join(PRECISIONS)}")
     if t.combine_losses not in COMBINE_RULES:
