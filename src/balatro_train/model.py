@@ -89,9 +89,9 @@ def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:
 
 def parameter_groups(model: CardNet, lr_backbone: float | None, lr_heads: float | None) -> list[dict]:
     """Backbone and heads as two optimizer groups; a group without its own lr uses the optimizer's."""
-    groups = [
-        {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lr_backbone},
-        {"params": list(model.heads.parameters()), "lr": lr_heads},
+    groups = [  # named, so that each group's learning rate is logged as lr/<name>
+        {"name": "backbone", "params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lr_backbone},
+        {"name": "heads", "params": list(model.heads.parameters()), "lr": lr_heads},
     ]
     for group in groups:
         if group["lr"] is None:

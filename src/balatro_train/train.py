@@ -12,8 +12,7 @@ import logging
 import math
 import os
 import random
-import signal
-import sys
+import shlex
 import threading
 import time
 import warnings
@@ -24,8 +23,6 @@ import hydra
 import numpy as np
 import torch
 import torch.distributed as dist
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -35,11 +32,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from balatro_train import config  # noqa: F401  (registers the structured config)
-from balatro_train.checkpoint import copy_file_atomically, load_checkpoint, restore_rng_state, rng_state, save_checkpoint
-from balatro_train.config import CONFIG_DIR, check_config
+from balatro_train.checkpoint import (copy_file_atomically, load_checkpoint, restore_rng_state, rng_state,
+                                      save_checkpoint)
+from balatro_train.config import CONFIG_DIR, check_config, typed_config
 from balatro_train.device import resolve_device, resolve_precision
 from balatro_train.data import EpochSampler, balanced_weights, build_data
-from balatro_train.errors import UserError
+from balatro_train.errors import Interrupted, UserError
+from balatro_train.job import run_hydra_job
 from balatro_train.metrics import build_metrics, confusion_figure, misclassified_grid, split_results
 from balatro_train.model import keep_frozen_batchnorm_in_eval, parameter_groups
 
@@ -48,82 +47,36 @@ log = logging.getLogger("balatro_train")
 # on purpose; Hydra would warn about that at every composition.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema",
                         category=UserWarning)
+# A run resumed from an interrupt after an epoch's last step has no step left in that epoch, so its
+# scheduler steps without an optimizer step in between: exactly what the uninterrupted run did.
+warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`",
+                        category=UserWarning)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Hydra's task function; returns the best combined validation loss, for sweepers."""
-    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
-    try:
-        return train(cfg)
-    except Interrupted as e:
-        log.warning("%s", e)
-        sys.exit(130)
-    except UserError as e:
-        log.error("%s", e)
-        if not in_sweep:
-            sys.exit(2)
-        error = str(e)
-    except Exception as e:  # noqa: BLE001  (in a sweep, one broken combination must not stop the others)
-        if not in_sweep:
-            raise
-        log.exception("job failed")
-        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    # A failed sweep job leaves its one-line error for the sweep summary and reports NaN,
-    # which sweepers (Optuna included) treat as a failed trial.
-    (Path(HydraConfig.get().runtime.output_dir) / "error.txt").write_text(error + "\n")
-    return math.nan
+    """Hydra's task function: `train` inside the job plumbing (balatro_train/job.py); returns the
+    best combined validation loss, for sweepers."""
+    return run_hydra_job(cfg, train)
 
 
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM stopped the run at a step boundary, after saving last.pt."""
+def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None, hparams: dict | None = None) -> float:
+    """Train as `cfg` says, writing the run folder `out_dir`; returns the best combined validation loss.
 
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """The first Ctrl-C or SIGTERM asks the loop to stop at the next step; a second one quits at once.
-    The previous handlers come back afterwards (the next job of a sweep installs its own)."""
-    stop = threading.Event()
-
-    def handler(signum, frame):
-        if stop.is_set():
-            os._exit(130)
-        stop.set()
-        log.warning("%s: stopping after this step and saving last.pt (again to quit at once)",
-                    signal.Signals(signum).name)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def train(cfg: DictConfig) -> float:
+    Needs no Hydra runtime: `cfg` is a composed config (the CLI's, or `hydra.compose(...)` in tests).
+    Setting `stop` (the CLI sets it on Ctrl-C) ends the run at the next step with a resumable last.pt.
+    """
+    cfg = typed_config(cfg)
     check_config(cfg)
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    torch.set_num_threads(threads_per_job())
+    stop = stop or threading.Event()
     seed_everything(cfg.seed)
     rank, world, device = start_distributed(cfg.trainer.device)
     is_main = rank == 0  # only the first process writes files; all of them train
-    if cfg.trainer.batch_size % world:
+    if cfg.trainer.batch_size % world or cfg.trainer.batch_size // world < 2:
         raise UserError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch: make it a multiple "
-                        f"of the {world} processes")
+                        f"of the {world} processes, with at least 2 images per process (BatchNorm needs 2)")
     amp_dtype = resolve_precision(cfg.trainer.precision, device)
 
-    # A sweep job started again in its own folder (a SLURM requeue after pre-emption or a time
-    # limit) goes on from the last.pt it left there.
-    own_last = out_dir / "checkpoints" / "last.pt"
-    if cfg.resume is None and HydraConfig.get().mode == RunMode.MULTIRUN and own_last.is_file():
-        log.info("resuming from %s, left by an earlier start of this job", own_last)
-        cfg.resume = str(own_last)
     # A resumed run continues with its own split, class indices and state; init_from takes
     # only the weights (and the class names, so that label indices keep their meaning).
     resumed = load_checkpoint(cfg.resume, "resume") if cfg.resume else None
@@ -136,6 +89,7 @@ def train(cfg: DictConfig) -> float:
         instantiate(cfg.dataset.render)
     data = build_data(cfg, source and source["class_names"], resumed and resumed["split"])
     if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "split.json").write_text(json.dumps(data.split, indent=1))
     if data.skipped and is_main:
         (out_dir / "skipped_images.json").write_text(json.dumps(data.skipped, indent=1))
@@ -181,8 +135,10 @@ def train(cfg: DictConfig) -> float:
     if is_main:
         metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
     checkpoints = out_dir / "checkpoints"
+    if resumed is not None and is_main:
+        carry_best_checkpoint(resumed, Path(cfg.resume), checkpoints)
     # closed even when a sweep job fails
-    with (SummaryWriter(out_dir / "tb") if is_main else contextlib.nullcontext()) as writer, stop_on_signals() as stop:
+    with SummaryWriter(out_dir / "tb") if is_main else contextlib.nullcontext() as writer:
         log.info("training on %s, precision %s, %s", device, str(amp_dtype or torch.float32).replace("torch.", ""),
                  f"output in {out_dir}")
 
@@ -201,6 +157,7 @@ def train(cfg: DictConfig) -> float:
 
         for epoch in range(start_epoch, cfg.trainer.epochs + 1):
             started = time.perf_counter()
+            lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
             lr = optimizer.param_groups[-1]["lr"]
             totals = {task: torch.zeros((), device=device) for task in loss_fns}
             seen = 0
@@ -213,9 +170,9 @@ def train(cfg: DictConfig) -> float:
                 if is_main:
                     save_checkpoint(checkpoint_state(epoch - 1, {"seen": seen, "totals": totals}),
                                     [checkpoints / "last.pt"])
-                raise Interrupted(f"interrupted in epoch {epoch} after {seen} images; to resume: python -m "
-                                  f"balatro_train --config-dir {out_dir / '.hydra'} --config-name config "
-                                  f"resume={checkpoints / 'last.pt'}")
+                command = shlex.join(["python", "-m", "balatro_train", "--config-dir", str(out_dir / ".hydra"),
+                                      "--config-name", "config", f"resume={checkpoints / 'last.pt'}"])
+                raise Interrupted(f"interrupted in epoch {epoch} after {seen} images; to resume: {command}")
             train_seconds = time.perf_counter() - started
             train_losses = mean_over_processes(totals, seen, world)
             val_losses, results, predictions = validate(eval_model, val_loader, loss_fns, metrics, device, amp_dtype,
@@ -225,7 +182,8 @@ def train(cfg: DictConfig) -> float:
             combine = {"max": max, "mean": lambda v: sum(v) / len(v), "sum": sum}[cfg.trainer.combine_losses]
             val_loss = combine(list(val_losses.values()))
             row = {"epoch": epoch, "train_loss": combine(list(train_losses.values())), "val_loss": val_loss,
-                   "lr": lr, "epoch_seconds": round(seconds, 3),
+                   "lr": lr, **{f"lr/{name}": value for name, value in lrs.items()},
+                   "epoch_seconds": round(seconds, 3),
                    "train_images_per_sec": round(seen * world / train_seconds, 2)}
             matrices = {}
             for task in loss_fns:
@@ -261,12 +219,14 @@ def train(cfg: DictConfig) -> float:
 
         best_row = min(history, key=lambda r: r["val_loss"])
         if is_main:
-            writer.add_hparams(hparams(cfg), {f"hparam/{k}": v for k, v in best_row.items()
-                                              if k.endswith(("val_loss", "top1_acc"))}, run_name=".")
-    log.info("best val_loss %.4f at epoch %d: %s", best_loss, best_row["epoch"], checkpoints / "best.pt")
-    if cfg.publish_to and HydraConfig.get().mode == RunMode.RUN and is_main:
-        copy_file_atomically(checkpoints / "best.pt", Path(cfg.publish_to))
-        log.info("published the best model to %s", cfg.publish_to)
+            writer.add_hparams(hparams or {"seed": cfg.seed}, {f"hparam/{k}": v for k, v in best_row.items()
+                                                               if k.endswith(("val_loss", "top1_acc"))}, run_name=".")
+    if (checkpoints / "best.pt").is_file() or not is_main:
+        log.info("best val_loss %.4f at epoch %d: %s", best_loss, best_row["epoch"], checkpoints / "best.pt")
+    else:
+        log.warning("best val_loss %.4f at epoch %d, before the resume; its checkpoint was not found beside %s, "
+                    "so this run has no best.pt (its last.pt is %s)", best_loss, best_row["epoch"], cfg.resume,
+                    checkpoints / "last.pt")
     return best_loss
 
 
@@ -374,10 +334,13 @@ def start_distributed(device_name: str) -> tuple[int, int, torch.device]:
     use_cuda = torch.cuda.is_available() and device_name != "cpu"
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend)
     rank = dist.get_rank()
     if rank != 0:  # one voice in the log
         logging.getLogger("balatro_train").setLevel(logging.WARNING)
+    log.info("distributed: %d processes, backend %s, %d CPU threads per process", world, backend,
+             torch.get_num_threads())
     return rank, world, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
 
 
@@ -416,30 +379,30 @@ def check_same_tasks(checkpoint: dict, cfg, key: str) -> None:
                         f"this run has {fields}; pick the same task=...")
 
 
-def threads_per_job() -> int:
-    """Jobs that a launcher runs side by side (hydra/launcher=joblib n_jobs=N) share the cores:
-    each gets cores // N torch threads (at least one), so that N jobs never oversubscribe."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    parallel_jobs = HydraConfig.get().launcher.get("n_jobs") or 1
-    parallel_jobs = cores if parallel_jobs < 0 else parallel_jobs
-    return max(1, cores // parallel_jobs) if HydraConfig.get().mode == RunMode.MULTIRUN else cores
+def carry_best_checkpoint(resumed: dict, resumed_from: Path, checkpoints: Path) -> None:
+    """A resumed run starts its folder with the best model so far, found beside the checkpoint it
+    resumes from, so that it has a best.pt even when no later epoch beats it."""
+    if not resumed["history"]:
+        return
+    best_epoch = min(resumed["history"], key=lambda r: r["val_loss"])["epoch"]
+    for candidate in (resumed_from.parent / "best.pt", resumed_from.parent / f"epoch_{best_epoch:03d}.pt",
+                      resumed_from):
+        if not candidate.is_file():
+            continue
+        state = resumed if candidate == resumed_from else load_checkpoint(candidate, "resume")
+        if (state["epoch"], state["partial_epoch"], state["best_val_loss"]) == (best_epoch, None,
+                                                                              resumed["best_val_loss"]):
+            copy_file_atomically(candidate, checkpoints / "best.pt")
+            log.info("best model so far (epoch %d) copied from %s", best_epoch, candidate)
+            return
+    log.warning("the best model so far (epoch %d) is not beside %s; best.pt will be written when an epoch of "
+                "this run improves on it", best_epoch, resumed_from)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def hparams(cfg) -> dict:
-    """The run's strategy choices and main numbers, for TensorBoard's HPARAMS view."""
-    choices = HydraConfig.get().runtime.choices
-    values = {group: choices.get(group) for group in ("dataset", "task", "model", "freeze", "optimizer", "scheduler")}
-    values.update({"seed": cfg.seed, "image_size": cfg.data.image_size, "batch_size": cfg.trainer.batch_size,
-                   "epochs": cfg.trainer.epochs, "precision": cfg.trainer.precision,
-                   "weighted_sampler": cfg.data.weighted_sampler})
-    values.update({f"optimizer.{k}": v for k, v in cfg.optimizer.items() if k.startswith("lr")})
-    return {k: v for k, v in values.items() if v is not None}
 
 
 if __name__ == "__main__":

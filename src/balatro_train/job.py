@@ -1,0 +1,133 @@
+"""What a Hydra job adds around `train()`: the plumbing, kept out of the training story.
+
+`python -m balatro_train` runs `train.main`, Hydra's task function, which hands the composed
+config to `run_hydra_job` here. This module decides, from Hydra's runtime, what `train(cfg,
+out_dir, stop, hparams)` itself never looks at:
+
+* where the run writes (Hydra's output folder) and how many CPU threads it gets (its share of
+  the cores when a launcher runs jobs side by side, or torchrun starts several processes);
+* Ctrl-C and SIGTERM: the first asks the loop to stop at the next step and save last.pt, a
+  second quits at once;
+* a sweep job started again in its own folder (a SLURM requeue) resumes from its own last.pt;
+* failures: a single run exits 2 with one line for a mistake the user can fix; in a sweep, any
+  failing job leaves `error.txt` and returns NaN so that the other jobs still run;
+* a single run publishes its best checkpoint to `publish_to` (sweeps never do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from balatro_train.checkpoint import copy_file_atomically
+from balatro_train.errors import Interrupted, UserError
+
+log = logging.getLogger("balatro_train")
+
+HPARAM_GROUPS = ("dataset", "task", "model", "freeze", "optimizer", "scheduler")
+
+
+def run_hydra_job(cfg: DictConfig, train: Callable[..., float]) -> float:
+    """Run `train` as the current Hydra job; returns the best combined validation loss (NaN for a
+    failed sweep job), which is what sweepers minimise."""
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    torch.set_num_threads(threads_for_this_process(hydra_cfg.launcher.get("n_jobs") if in_sweep else 1))
+    own_last = out_dir / "checkpoints" / "last.pt"
+    if in_sweep and cfg.resume is None and own_last.is_file():
+        log.info("resuming from %s, left by an earlier start of this job", own_last)
+        cfg.resume = str(own_last)
+    try:
+        with stop_on_signals() as stop:
+            best_loss = train(cfg, out_dir, stop=stop, hparams=hparams(cfg, hydra_cfg.runtime.choices))
+    except Interrupted as e:
+        log.warning("%s", e)
+        sys.exit(130)
+    except UserError as e:
+        log.error("%s", e)
+        if not in_sweep:
+            sys.exit(2)
+        error = str(e)
+    except Exception as e:  # noqa: BLE001  (in a sweep, one broken combination must not stop the others)
+        if not in_sweep:
+            raise
+        log.exception("job failed")
+        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    else:
+        if cfg.publish_to and not in_sweep and int(os.environ.get("RANK", "0")) == 0:
+            publish(out_dir / "checkpoints" / "best.pt", Path(cfg.publish_to))
+        return best_loss
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    # A failed sweep job leaves its one-line error for the sweep summary and reports NaN,
+    # which sweepers (Optuna included) treat as a failed trial.
+    (out_dir / "error.txt").write_text(error + "\n")
+    return math.nan
+
+
+def publish(best: Path, target: Path) -> None:
+    if not best.is_file():
+        log.warning("nothing published to %s: this run has no %s", target, best)
+        return
+    copy_file_atomically(best, target)
+    log.info("published the best model to %s", target)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """The first Ctrl-C or SIGTERM asks the loop to stop at the next step; a second one quits at once.
+    The previous handlers come back afterwards (the next job of a sweep installs its own)."""
+    stop = threading.Event()
+
+    def handler(signum, frame):
+        if stop.is_set():
+            os._exit(130)
+        stop.set()
+        log.warning("%s: stopping after this step and saving last.pt (again to quit at once)",
+                    signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def threads_for_this_process(parallel_jobs: int | None = 1) -> int:
+    """This process's share of the cores, so that processes running side by side never
+    oversubscribe them: jobs a launcher runs at once (hydra/launcher=joblib n_jobs=N, -1 for one
+    per core) and the processes torchrun starts on this machine (LOCAL_WORLD_SIZE) split them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    parallel_jobs = parallel_jobs or 1
+    parallel_jobs = cores if parallel_jobs < 0 else parallel_jobs
+    processes_per_job = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // (parallel_jobs * processes_per_job))
+
+
+def hparams(cfg: DictConfig, choices) -> dict:
+    """The run's strategy choices and main numbers, for TensorBoard's HPARAMS view."""
+    values = {group: choices.get(group) for group in HPARAM_GROUPS}
+    values.update({"seed": cfg.seed, "image_size": cfg.data.image_size, "batch_size": cfg.trainer.batch_size,
+                   "epochs": cfg.trainer.epochs, "precision": cfg.trainer.precision,
+                   "weighted_sampler": cfg.data.weighted_sampler})
+    values.update({f"optimizer.{k}": v for k, v in cfg.optimizer.items() if k.startswith("lr")})
+    return {k: v for k, v in values.items() if v is not None}
