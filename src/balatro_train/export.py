@@ -1,4 +1,5 @@
-"""`python -m balatro_train.export checkpoint=<file or run folder> format=onnx|torchscript [out=...] [benchmark=true]`
+"""`python -m balatro_train.export checkpoint=<file or run folder> format=onnx|torchscript|original [out=...]
+[benchmark=true]`
 
 Writes the model for deployment with a dynamic batch size, input `images` (float32, N x 3 x S x S,
 already normalised) and one logits output per task, in the checkpoint's task order. Beside it,
@@ -7,13 +8,21 @@ entries are in the ONNX file's metadata_props (JSON strings) and in the TorchScr
 extra file `balatro_train.json`. Default `out`: next to the checkpoint, `<stem>.onnx` or
 `<stem>.torchscript.pt`.
 
-`benchmark=true` then times single-image and batch-32 inference of the exported model and of
-PyTorch eager on `benchmark_threads` CPU threads, and prints a table.
+`format=original` writes instead the checkpoint that the original ai-balatro pipeline
+(jcloix/ai-balatro, `utils/inference_utils.py`) loads unchanged: `{"model": <its MultiHeadModel
+state dict>, "head_states": {task: {"class_names": [...]}}}`, plain tensors and data only, resnet18
+checkpoints only. Default `out`: `best_model.pth` next to the checkpoint (that pipeline reads
+`data/models/best_model.pth`); no sidecar JSON. That pipeline resizes to 224x224 and normalises with
+the ImageNet mean/std: a model trained otherwise is exported, with a warning.
+
+`benchmark=true` (onnx, torchscript) then times single-image and batch-32 inference of the exported
+model and of PyTorch eager on `benchmark_threads` CPU threads, and prints a table.
 """
 
 from __future__ import annotations
 
 import inspect
+import io
 import json
 import logging
 import sys
@@ -27,7 +36,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from balatro_train.checkpoint import load_checkpoint
+from balatro_train.checkpoint import load_checkpoint, save_bytes
 from balatro_train.errors import UserError
 from balatro_train.inference import build_model, log_to_stderr, resolve_checkpoint
 from balatro_train.config import CONFIG_DIR
@@ -35,12 +44,17 @@ from balatro_train.config import CONFIG_DIR
 log = logging.getLogger("balatro_train.export")
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 MIN_OPSET = 17
+ORIGINAL_NAME = "best_model.pth"  # ai-balatro's inference tools load data/models/best_model.pth by default
+ORIGINAL_SIZE = 224  # and it normalises with:
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "max_pixel_value": 255.0}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
     log_to_stderr()
     try:
+        if cfg.benchmark and cfg.format == "original":
+            raise UserError("benchmark=true times format=onnx or format=torchscript; drop it for format=original")
         out = export(cfg.checkpoint, cfg.format, cfg.out, cfg.opset)
         if cfg.benchmark:
             print_table(benchmark(out, cfg.format, cfg.benchmark_threads, cfg.benchmark_runs))
@@ -64,13 +78,16 @@ class Exportable(nn.Module):
 
 
 def export(checkpoint, fmt: str, out=None, opset: int = MIN_OPSET) -> Path:
-    """Export and write the sidecar JSON; returns the model file's path."""
-    if fmt not in FORMATS:
-        raise UserError(f"format={fmt} is not supported: use format=onnx or format=torchscript")
+    """Export and write the sidecar JSON (none for format=original); returns the model file's path."""
+    if fmt not in FORMATS and fmt != "original":
+        raise UserError(f"format={fmt} is not supported: use format=onnx or format=torchscript "
+                        f"(or format=original for the ai-balatro pipeline)")
     if fmt == "onnx" and opset < MIN_OPSET:
         raise UserError(f"opset={opset} is too old: use opset={MIN_OPSET} or newer")
     path = resolve_checkpoint(checkpoint)
     state = load_checkpoint(path, "checkpoint")
+    if fmt == "original":
+        return export_original(state, path, Path(out) if out else path.with_name(ORIGINAL_NAME))
     model, tasks = build_model(state), list(state["class_names"])
     size = int(state["preprocessing"]["image_size"])
     out = Path(out) if out else path.with_name(path.stem + FORMATS[fmt])
@@ -87,6 +104,45 @@ def export(checkpoint, fmt: str, out=None, opset: int = MIN_OPSET) -> Path:
                 torch.jit.save(traced, str(out), _extra_files={"balatro_train.json": json.dumps(meta)})
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     log.info("exported %s to %s (class names and preprocessing in %s)", path, out, out.with_suffix(".json"))
+    return out
+
+
+def export_original(state: dict, checkpoint: Path, out: Path) -> Path:
+    """The checkpoint as ai-balatro's `load_model` reads it: `head_states` for the class names (in output
+    order), `model` loaded strictly into its MultiHeadModel, whose backbone is
+    `nn.Sequential(*list(resnet18().children())[:-1])`: our backbone's children renamed by position."""
+    backbone = state["config"]["model"]["backbone"]
+    if backbone != "resnet18":
+        raise UserError(f"checkpoint={checkpoint}: format=original needs a resnet18 model, this one is {backbone} "
+                        f"(the ai-balatro pipeline only builds resnet18); use format=onnx or format=torchscript")
+    if out.resolve() == checkpoint.resolve():
+        raise UserError(f"out={out} is the checkpoint itself; give another out=")
+    prep = metadata(state, checkpoint, "original", list(state["class_names"]))["preprocessing"]
+    if prep["image_size"] != ORIGINAL_SIZE:
+        log.warning("the model was trained at %d px but the ai-balatro pipeline resizes every image to %dx%d: "
+                    "expect lower accuracy there (retrain with data.image_size=%d)",
+                    prep["image_size"], ORIGINAL_SIZE, ORIGINAL_SIZE, ORIGINAL_SIZE)
+    trained = {key: prep[key] for key in IMAGENET}
+    if not all(trained[k] and np.allclose(trained[k], v) for k, v in IMAGENET.items()):
+        log.warning("the model was trained with Normalize %s but the ai-balatro pipeline uses the ImageNet %s",
+                    trained, IMAGENET)
+    model = build_model(state)  # also checks that the weights fit a resnet18 CardNet
+    children = [name for name, _ in model.backbone.named_children()]
+    assert children[-1] == "fc", children  # the classifier, an Identity here, which MultiHeadModel drops
+    position = {name: str(i) for i, name in enumerate(children[:-1])}
+    weights = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith("backbone."):
+            _, child, rest = key.split(".", 2)
+            key = f"backbone.{position[child]}.{rest}"
+        weights[key] = tensor
+    buffer = io.BytesIO()
+    torch.save({"model": weights,
+                "head_states": {task: {"class_names": list(names)} for task, names in state["class_names"].items()}},
+               buffer)
+    save_bytes(buffer.getvalue(), out)
+    log.info("exported %s to %s for the ai-balatro pipeline (%s)", checkpoint, out, ", ".join(
+        f"{task}: {len(names)} classes" for task, names in state["class_names"].items()))
     return out
 
 
