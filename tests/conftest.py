@@ -1,5 +1,7 @@
-"""Shared fixtures: a tiny, easy labelled dataset in the annotation tool's format, and a runner
-that calls `python -m balatro_train` in a subprocess exactly as a user would."""
+"""Shared test helpers, defined here only: a tiny, easy labelled dataset in the annotation tool's
+format; a runner that calls `python -m balatro_train` in a subprocess exactly as a user would; the
+in-process layer (the config composed with Hydra's compose API, for calling the runner's functions
+directly); readers of what a run leaves (metrics.jsonl, a checkpoint's validation outputs)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hydra
 import numpy as np
 import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+
+from balatro_train.checkpoint import load_checkpoint
+from balatro_train.config import CONFIG_DIR
+from balatro_train.data import build_data
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["Joker_001", "Joker_002", "The Fool", "Mercury"]
@@ -31,15 +41,18 @@ def card_image(name: str, modifier: str, rng: np.random.Generator, size=(36, 48)
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
 
 
-def write_dataset(root: Path, per_class: int = 4, augmented_per_image: int = 1, seed: int = 0) -> dict:
+def write_dataset(root: Path, per_class: int | dict[str, int] = 4, augmented_per_image: int = 1,
+                  seed: int = 0) -> dict:
     """labels.json with full_path relative to `root` (as the annotation tool writes them),
-    plus augmented.json of RGBA rotated copies. Returns the paths as dataset.* overrides."""
+    plus augmented.json of RGBA rotated copies. Returns the paths as dataset.* overrides.
+    `per_class`: originals per name, the same for all or {name: count} (an imbalanced set)."""
     rng = np.random.default_rng(seed)
+    counts = per_class if isinstance(per_class, dict) else {name: per_class for name in NAMES}
     originals, augmented = {}, {}
     (root / "dataset_default").mkdir(parents=True, exist_ok=True)
     (root / "augmented").mkdir(parents=True, exist_ok=True)
     for name in NAMES:
-        for i in range(per_class):
+        for i in range(counts[name]):
             modifier = MODIFIERS[i % len(MODIFIERS)]
             file = f"{name.replace(' ', '_')}_{i}.png"
             image = card_image(name, modifier, rng)
@@ -58,12 +71,14 @@ def write_dataset(root: Path, per_class: int = 4, augmented_per_image: int = 1, 
             "augmented": root / "augmented" / "augmented.json"}
 
 
-def tiny_overrides(data: dict, root: Path) -> list[str]:
-    """A fast, real training run: 32 px images, small batches, a few epochs."""
+def tiny_overrides(data: dict, root: Path, precision: str | None = "32") -> list[str]:
+    """A fast, real training run: 32 px images, small batches, a few epochs. fp32 unless asked:
+    `precision=None` keeps the default, trainer.precision=auto (bf16 autocast on a CPU with
+    AVX-512 BF16 or AMX, fp32 elsewhere)."""
     return ["dataset=annotated", f"dataset.labels_file={data['labels_file']}",
             f"dataset.augmented_labels_files=[{data['augmented']}]", f"dataset.root={root}",
             "data.image_size=32", "model.pretrained=false", "trainer.batch_size=8", "trainer.epochs=3",
-            "trainer.precision=32", "trainer.num_workers=0", "optimizer.lr=3e-3"]
+            *([f"trainer.precision={precision}"] if precision else []), "trainer.num_workers=0", "optimizer.lr=3e-3"]
 
 
 def run_cli(args: list[str], cwd: Path, module: str = "balatro_train", check: bool = True,
@@ -85,3 +100,71 @@ def run_dirs(cwd: Path) -> list[Path]:
 def dataset(tmp_path):
     root = tmp_path / "labelled"
     return write_dataset(root), root
+
+
+# ---- the in-process layer: the runner's functions called directly on a composed config ----------
+
+def compose(overrides: list[str]) -> DictConfig:
+    """conf/train.yaml composed as `python -m balatro_train <overrides>` would, without Hydra's runtime."""
+    with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra.compose("train", overrides=overrides)
+
+
+@pytest.fixture
+def tiny_cfg(dataset):
+    """Composes the tiny run's config (fixture `dataset`, `tiny_overrides`) plus extra overrides:
+    `tiny_cfg("freeze=all", precision=None)`."""
+    data, root = dataset
+
+    def make(*overrides: str, precision: str | None = "32") -> DictConfig:
+        return compose([*tiny_overrides(data, root, precision), *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The suite runs two xdist workers on two cores: in-process training with two torch threads per
+    worker would oversubscribe them. Use it as a module's autouse fixture; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- what a run leaves ------------------------------------------------------------------------------
+
+TIMING_KEYS = frozenset({"epoch_seconds", "train_images_per_sec"})  # the metrics that differ between equal runs
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's rows, timing included."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def assert_same_metrics(a: list[dict], b: list[dict], abs: float = 1e-6) -> None:
+    """Same epochs, same keys, every number within `abs` (0: bit-identical); timing keys ignored."""
+    a, b = without_timing(a), without_timing(b)
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            assert ra[key] == pytest.approx(rb[key], abs=abs, rel=0), (ra["epoch"], key)
+
+
+def validation_outputs(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The checkpoint's model on its run's validation images, recomputed here in fp32 from the saved
+    config, class names and split: ({task: logits}, {task: targets})."""
+    state = load_checkpoint(checkpoint)
+    cfg = OmegaConf.create(state["config"])
+    data = build_data(cfg, state["class_names"], state["split"])
+    model = instantiate(cfg.model, num_classes={t: len(n) for t, n in data.class_names.items()})
+    model.load_state_dict(state["model"])
+    model.eval()
+    images = torch.stack([data.val[i][0] for i in range(len(data.val))])
+    with torch.no_grad():
+        return model(images), data.val.targets
