@@ -21,8 +21,12 @@ def test_two_process_ddp_matches_a_single_process_run(dataset, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "balatro_train",
          *args, "hydra.run.dir=outputs/ddp"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "8"})
     assert result.returncode == 0, result.stdout + result.stderr
+    # each process takes its share of the cores (torchrun's OMP_NUM_THREADS=1 was overridden before)
+    cores = len(os.sched_getaffinity(0))
+    assert f"distributed: 2 processes, backend gloo, {max(1, cores // 2)} CPU threads per process" in \
+        result.stdout + result.stderr
 
     ddp, single = tmp_path / "outputs/ddp", tmp_path / "outputs/single"
     assert len(list((ddp / "tb").rglob("events.out.tfevents.*"))) == len(list((single / "tb").rglob("events.*")))

@@ -4,32 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from balatro_train.data import read_labels, split_samples
-from conftest import run_cli, run_dirs, tiny_overrides, write_dataset
+from omegaconf import OmegaConf
 
-TIMING_KEYS = {"epoch_seconds", "train_images_per_sec"}
+from balatro_train.checkpoint import load_checkpoint
+from balatro_train.data import build_data, read_labels, split_samples
+from balatro_train.errors import Interrupted, UserError
+from balatro_train.job import threads_for_this_process
+from balatro_train.train import train
+from conftest import compose, read_metrics, run_cli, run_dirs, tiny_overrides, without_timing, write_dataset
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+    return without_timing(read_metrics(run_dir))
 
-
-def assert_same_metrics(a: list[dict], b: list[dict]) -> None:
-    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
-    for ra, rb in zip(a, b):
-        assert ra.keys() == rb.keys()
-        for key in ra:
-            assert ra[key] == pytest.approx(rb[key], abs=1e-6), (ra["epoch"], key)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training beside another xdist worker
 
 
 def start_training(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -56,27 +55,91 @@ def slow_run(tmp_path):
     return [*tiny_overrides(data, root), "trainer.batch_size=2", "trainer.epochs=4"]
 
 
-def test_ctrl_c_saves_last_and_the_printed_command_resumes_exactly(slow_run, tmp_path):
+class StopAfterSteps(threading.Event):
+    """A Ctrl-C at a chosen point: the loop asks `is_set()` once after every training step and once
+    after an epoch's last one, so the k+1-th question is answered yes."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k, self.asked = k, 0
+
+    def is_set(self) -> bool:
+        self.asked += 1
+        return self.asked > self.k or super().is_set()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """Two epochs of 24 training images in batches of 2, not interrupted: (config, run folder)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    data = write_dataset(tmp / "labelled")
+    cfg = compose([*tiny_overrides(data, tmp / "labelled"), "trainer.batch_size=2", "trainer.epochs=2"])
+    torch.set_num_threads(1)
+    train(cfg.copy(), tmp / "run")
+    return cfg, tmp / "run"
+
+
+# 12 steps an epoch: the loop asks 13 times per epoch.
+@pytest.mark.parametrize("k, stopped_at", [
+    (3, "epoch 1 after 8 images"),       # mid-epoch
+    (11, "epoch 1 after 24 images"),     # after the epoch's last step, before validation
+    (13, "epoch 2 after 2 images"),      # during validation or the checkpoint write of epoch 1
+    (16, "epoch 2 after 8 images"),      # mid-epoch, with a finished epoch behind it
+])
+def test_an_interrupt_at_any_point_resumes_bit_exactly(uninterrupted, tmp_path, k, stopped_at):
+    cfg, expected = uninterrupted
+    with pytest.raises(Interrupted, match=stopped_at) as interrupted:
+        train(cfg.copy(), tmp_path / "run with space", stop=StopAfterSteps(k))
+    command = shlex.split(str(interrupted.value).split("to resume: ", 1)[1])  # pasteable despite the space
+    assert command[:3] == ["python", "-m", "balatro_train"]
+    assert Path(command[4]) == tmp_path / "run with space" / ".hydra"
+    resume = command[-1].removeprefix("resume=")
+    assert Path(resume) == tmp_path / "run with space" / "checkpoints" / "last.pt"
+
+    resumed_cfg = cfg.copy()
+    resumed_cfg.resume = resume
+    train(resumed_cfg, tmp_path / "resumed")
+    # One process, same threads: everything must be bit-identical, the weights and every metric.
+    assert without_timing(read_metrics(tmp_path / "resumed")) == without_timing(read_metrics(expected))
+    final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    weights = torch.load(expected / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[key], weights[key]) for key in weights)
+
+
+def test_ctrl_c_saves_last_and_the_printed_command_resumes(slow_run, tmp_path):
+    """The real signal, in a real process, in a folder whose name needs quoting. Two processes may
+    differ in the last bits (oneDNN picks kernels by memory alignment), so losses and weights are
+    compared with a tolerance that a wrong resume (another sampler position, other RNG) exceeds by
+    orders of magnitude, and top-k accuracies, which near ties can flip, are not compared here: the
+    in-process test above compares everything bit for bit."""
     uninterrupted_cwd = tmp_path / "a"
     uninterrupted_cwd.mkdir()
     run_cli(slow_run, cwd=uninterrupted_cwd)
     [uninterrupted] = run_dirs(uninterrupted_cwd)
 
-    process = start_training(slow_run, tmp_path)
-    wait_for("outputs/*/*/checkpoints/last.pt", tmp_path, process)
-    process.send_signal(signal.SIGINT)  # at once: early in epoch 2 even on a fast machine
+    process = start_training([*slow_run, "hydra.run.dir=outputs/run with space"], tmp_path)
+    wait_for("outputs/run with space/checkpoints/last.pt", tmp_path, process)
+    process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
     assert "Traceback" not in output
     [line] = [l for l in output.splitlines() if "to resume:" in l]
-    command = line.split("to resume: ", 1)[1].split()
+    command = shlex.split(line.split("to resume: ", 1)[1])
     assert command[:3] == ["python", "-m", "balatro_train"] and command[-1].startswith("resume=")
-    [interrupted] = run_dirs(tmp_path)
+    interrupted = tmp_path / "outputs" / "run with space"
     assert len(metrics(interrupted)) < 4
 
-    run_cli(command[3:], cwd=tmp_path)
-    resumed = [d for d in run_dirs(tmp_path) if d != interrupted][0]
-    assert_same_metrics(metrics(resumed), metrics(uninterrupted))
+    run_cli([*command[3:], "hydra.run.dir=outputs/resumed"], cwd=tmp_path)
+    resumed = tmp_path / "outputs" / "resumed"
+    rows, expected = metrics(resumed), metrics(uninterrupted)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    for row, want in zip(rows, expected):
+        for key in (k for k in want if k.endswith("loss") or k.startswith("lr")):
+            assert row[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (row["epoch"], key)
+    final = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["model"]
+    expected_weights = torch.load(uninterrupted / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for key, value in expected_weights.items():
+        assert torch.allclose(final[key].float(), value.float(), rtol=1e-3, atol=1e-5), key
 
 
 def test_kill_9_leaves_a_loadable_checkpoint_that_resumes_to_the_end(slow_run, tmp_path):
@@ -109,7 +172,7 @@ def test_malicious_checkpoint_is_refused_without_running_its_code(dataset, tmp_p
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"", "not a readable checkpoint"),
+    (b"", "damaged or not a checkpoint"),
     (None, "not a balatro-train checkpoint"),
 ])
 def test_truncated_or_foreign_checkpoint_fails_with_one_line(dataset, tmp_path, content, message):
@@ -238,6 +301,7 @@ def test_bad_image_stops_the_run_or_is_skipped_and_listed(dataset, tmp_path, dam
     ("+tasks.modifier.metrics.auc._target_=torchmetrics.Nope", "tasks.modifier.metrics.auc: cannot build it"),
     ("data.image_size=16", "too small for the backbone"),
     ("trainer.batch_size=0", "trainer.batch_size=0 must be at least 1"),
+    ("trainer.batch_size=1", "trainer.batch_size=1: BatchNorm needs at least 2 images per batch"),
     ("trainer.epochs=0", "trainer.epochs=0 must be at least 1"),
     ("optimizer.lr=-1", "optimizer.lr=-1 must be greater than 0"),
     ("data.val_split=1.5", "data.val_split=1.5 must lie strictly between 0 and 1"),
@@ -251,9 +315,124 @@ def test_unknown_names_and_impossible_values(dataset, tmp_path, override, messag
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(dataset, tmp_path):
+# ---- found when tried as a new user -----------------------------------------------------------------
+
+def test_a_resumed_run_that_trains_no_better_epoch_still_has_and_publishes_its_best(dataset, tmp_path):
+    """Resuming a finished run (or one whose later epochs never beat the saved best) used to end in
+    a FileNotFoundError while publishing, with no best.pt in the new run folder."""
     data, root = dataset
-    result = run_cli([*tiny_overrides(data, root), "optimizer.lr=1e25", "trainer.epochs=5", "scheduler=none"],
+    base = [*tiny_overrides(data, root), "trainer.epochs=2", "trainer.checkpoint_interval=1"]
+    run_cli([*base, "hydra.run.dir=outputs/first"], cwd=tmp_path)
+    first = tmp_path / "outputs/first/checkpoints"
+    for resume_from, epochs, name in ((first / "epoch_001.pt", 1, "after_epoch_1"), (first / "last.pt", 2, "finished")):
+        result = run_cli([*base, f"trainer.epochs={epochs}", f"resume={resume_from}", f"hydra.run.dir=outputs/{name}",
+                          f"publish_to=published_{name}.pt"], cwd=tmp_path)
+        assert "Traceback" not in result.stdout + result.stderr
+        history = torch.load(resume_from, weights_only=True)["history"]
+        best = torch.load(tmp_path / f"outputs/{name}/checkpoints/best.pt", weights_only=True)
+        assert best["epoch"] == min(history, key=lambda r: r["val_loss"])["epoch"]
+        assert (tmp_path / f"published_{name}.pt").read_bytes() == \
+            (tmp_path / f"outputs/{name}/checkpoints/best.pt").read_bytes()
+    predicted = run_cli([f"checkpoint={tmp_path / 'outputs/finished'}", f"images={root / 'dataset_default'}"],
+                        cwd=tmp_path, module="balatro_train.predict")
+    assert len(json.loads(predicted.stdout)) == 16
+
+
+def test_an_edition_seen_only_on_an_augmented_copy_of_a_validation_image_is_refused(dataset, tiny_cfg):
+    """Augmented copies of validation images never train, so that edition would have no training
+    image and no validation image: the head could never learn it, and nothing said so."""
+    data, root = dataset
+    augmented = json.loads(data["augmented"].read_text())
+    cfg = tiny_cfg("task=modifier")
+    val = set(build_data(cfg).split["val"])
+    victim = next(f for f, meta in augmented.items() if meta["parent"] in val)
+    augmented[victim]["modifier"] = "Polychrome"
+    data["augmented"].write_text(json.dumps(augmented))
+    with pytest.raises(UserError, match="task modifier: classes with no training sample after the split: "
+                                        "Polychrome; label more images of them or lower data.val_split"):
+        build_data(cfg)
+
+
+def test_an_augmented_file_named_like_an_original_is_refused_naming_both_files(dataset, tiny_cfg):
+    data, root = dataset
+    augmented = json.loads(data["augmented"].read_text())
+    original = "Mercury_0.png"
+    augmented[original] = augmented.pop(f"aug_0_{original}")
+    data["augmented"].write_text(json.dumps(augmented))
+    with pytest.raises(UserError, match=rf"'{original}' is listed in both {data['labels_file']} and "
+                                        rf"{data['augmented']}"):
+        build_data(tiny_cfg())
+
+
+def test_an_image_listed_twice_in_one_labels_file_is_refused(dataset):
+    data, root = dataset
+    text = data["labels_file"].read_text()
+    data["labels_file"].write_text(text.rstrip().removesuffix("}") + ', "Mercury_0.png": {"name": "Mercury"}}')
+    with pytest.raises(UserError, match="'Mercury_0.png' is listed twice"):
+        read_labels(data["labels_file"], root)
+
+
+def test_an_absolute_full_path_from_another_machine_falls_back_to_the_file_beside_the_labels(tmp_path):
+    data = write_dataset(tmp_path / "copied")
+    labels = json.loads(data["labels_file"].read_text())
+    for file, meta in labels.items():
+        meta["full_path"] = f"/home/colleague/balatro/dataset_default/{file}"  # not on this machine
+    data["labels_file"].write_text(json.dumps(labels))
+    samples = read_labels(data["labels_file"], root=tmp_path)
+    assert all(s.path == data["labels_file"].parent / s.file and s.path.is_file() for s in samples)
+
+
+def test_classes_without_a_validation_image_are_logged(tmp_path, caplog):
+    data = write_dataset(tmp_path / "labelled", per_class={"Joker_001": 4, "Joker_002": 1, "The Fool": 4,
+                                                           "Mercury": 1})
+    cfg = compose(tiny_overrides(data, tmp_path / "labelled"))
+    with caplog.at_level("INFO", logger="balatro_train"):
+        build_data(cfg)
+    assert "task identification: 2 of 4 classes have no validation image (too few originals): Joker_002, Mercury" \
+        in caplog.text
+
+
+@pytest.mark.parametrize("write", [lambda p: p.write_bytes(b""), lambda p: p.write_bytes(os.urandom(4096)),
+                                   lambda p: p.write_text("not a checkpoint"),
+                                   lambda p: p.write_bytes(TRUNCATED_CHECKPOINT)],
+                         ids=["empty", "random bytes", "text", "truncated"])
+def test_a_damaged_file_is_called_damaged_and_the_safe_loader_is_never_questioned(tmp_path, write):
+    path = tmp_path / "model.pt"
+    write(path)
+    with pytest.raises(UserError) as error:
+        load_checkpoint(path, "checkpoint")
+    message = str(error.value)
+    assert message.startswith(f"checkpoint={path}: damaged or not a checkpoint") and "\n" not in message
+    assert "weights_only" not in message and "refused" not in message
+
+
+def truncated_checkpoint() -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"format": "balatro-train/1", "model": {"w": torch.zeros(1000)}}, buffer)
+    return buffer.getvalue()[:2000]
+
+
+TRUNCATED_CHECKPOINT = truncated_checkpoint()
+
+
+def test_a_rerun_from_a_saved_config_keeps_the_type_checks(tmp_path):
+    """The saved .hydra/config.yaml has no defaults list, so Hydra does not apply the schema to it."""
+    saved = tmp_path / "run" / ".hydra"
+    saved.mkdir(parents=True)
+    (saved / "config.yaml").write_text(OmegaConf.to_yaml(compose([])))
+    result = run_cli(["--config-dir", str(saved), "--config-name", "config", "trainer.batch_size=many"],
                      cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "the loss became" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "trainer.batch_size: Value 'many' of type 'str' could not be converted to Integer" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_processes_side_by_side_share_the_cores(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    assert threads_for_this_process(1) == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))  # torchrun --nproc_per_node=<cores>
+    assert threads_for_this_process(1) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert threads_for_this_process(-1) == 1  # joblib n_jobs=-1: one job per core
