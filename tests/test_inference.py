@@ -14,12 +14,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from balatro_train.checkpoint import load_checkpoint
-from balatro_train.data import load_image
+from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint
 from balatro_train.errors import UserError
 from balatro_train.evaluate import evaluate, misclassified_grid
 from balatro_train.export import export
-from balatro_train.inference import Recognizer, build_model
+from balatro_train.inference import Recognizer
+from balatro_train.preprocessing import load_image
 from balatro_train.predict import find_images, predict
 from conftest import run_cli, run_dirs, tiny_overrides, write_dataset
 
@@ -123,7 +123,7 @@ def test_transparent_numpy_images_are_flattened_like_training_files(trained, tmp
     recognizer = Recognizer.from_checkpoint(trained.checkpoint, device="cpu")
     rgba = np.random.default_rng(0).integers(0, 256, (40, 30, 4), dtype=np.uint8)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "card.png")
-    from_file = load_image(tmp_path / "card.png", recognizer.image_size, recognizer.background)
+    from_file = load_image(tmp_path / "card.png", recognizer.image_size, recognizer.preprocessing.background)
     assert np.array_equal(recognizer.prepare(rgba), from_file)
 
 
@@ -164,7 +164,12 @@ def test_misclassified_grid_draws_only_the_mistakes():
 
 def reference_logits(trained, images: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.inference_mode():
-        return build_model(load_checkpoint(trained.checkpoint))(images)
+        return model_from_checkpoint(load_checkpoint(trained.checkpoint))(images)
+
+
+def uint8_images(batch: int) -> torch.Tensor:
+    """A batch as the exported model takes it: N x 32 x 32 x 3 uint8 RGB."""
+    return torch.randint(0, 256, (batch, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(batch))
 
 
 def test_onnx_export_matches_pytorch_for_a_dynamic_batch(trained):
@@ -181,8 +186,9 @@ def test_onnx_export_matches_pytorch_for_a_dynamic_batch(trained):
     assert json.loads(props["class_names"]) == trained.class_names
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == list(trained.class_names)
+    assert session.get_inputs()[0].type == "tensor(uint8)"  # the images as stored: the model normalises
     for batch in (1, 5):
-        images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        images = uint8_images(batch)
         outputs = session.run(None, {"images": images.numpy()})
         expected = reference_logits(trained, images)
         for task, got in zip(trained.class_names, outputs):
@@ -199,7 +205,7 @@ def test_torchscript_export_loads_and_matches(trained):
         scripted = torch.jit.load(str(out), _extra_files=extra)
     assert json.loads(extra["balatro_train.json"])["class_names"] == trained.class_names
     for batch in (1, 5):
-        images = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        images = uint8_images(batch)
         with torch.inference_mode():
             got = scripted(images)
         for task, logits in reference_logits(trained, images).items():

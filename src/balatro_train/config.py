@@ -55,7 +55,7 @@ class TrainerConfig:
 class TaskConfig:
     field: str = "name"
     train_transforms: str = "train"
-    val_transforms: str = "test"
+    val_transforms: str = "val"
     class_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # `field` is taken above
 

@@ -1,7 +1,8 @@
-"""Reading the annotation tool's files, the stratified split, and the training dataset.
+"""Reading the annotation tool's files, the stratified split, the datasets and their loaders.
 
 Images are decoded, composited on the background colour and resized to `data.image_size`
-once, up front; epochs then only augment small uint8 arrays.
+once, up front (balatro_train/preprocessing.py); epochs then only augment small uint8 arrays,
+and batches stay uint8 (N, H, W, 3) all the way to the device.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from balatro_train.errors import UserError
+from balatro_train.preprocessing import Preprocessing, load_image
 
 log = logging.getLogger(__name__)
 
@@ -86,25 +87,6 @@ def resolve_image_path(file: str, meta: dict, labels_file: Path, root: Path) -> 
     return beside if beside.is_file() or not full_path else candidate
 
 
-def load_image(path: Path, size: int, background: tuple[int, int, int]) -> np.ndarray:
-    """Decode any PNG/JPEG (RGB, RGBA, palette, grey) into a size x size uint8 RGB array."""
-    with Image.open(path) as image:
-        image.load()
-        return flatten_image(image, size, background)
-
-
-def flatten_image(image: Image.Image, size: int, background) -> np.ndarray:
-    """Composite transparency on the background colour, then resize to size x size (training and
-    inference prepare every image with this one function)."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-        flat = Image.new("RGBA", image.size, (*background, 255))
-        flat.alpha_composite(image)
-        image = flat
-    image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
-
-
 def load_images(samples: list[Sample], size: int, background) -> tuple[np.ndarray, dict[str, str]]:
     """Decode every sample once into one (N, size, size, 3) uint8 array (PIL releases the GIL).
 
@@ -123,7 +105,7 @@ def load_images(samples: list[Sample], size: int, background) -> tuple[np.ndarra
 
     images = np.zeros((len(samples), size, size, 3), dtype=np.uint8)
     bad = {}
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=4) as pool:  # PIL releases the GIL while decoding
         results = tqdm(pool.map(load, samples), total=len(samples), desc="decoding images", leave=False,
                        disable=None)
         for i, (sample, result) in enumerate(zip(samples, results)):
@@ -198,8 +180,8 @@ class CardDataset(Dataset):
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
         self.pipeline.set_random_seed(seed)
-        image = self.pipeline(image=self.images[index])["image"]
-        return image, {task: targets[index] for task, targets in self.targets.items()}
+        image = np.ascontiguousarray(self.pipeline(image=self.images[index])["image"])  # uint8 (H, W, 3)
+        return torch.from_numpy(image), {task: targets[index] for task, targets in self.targets.items()}
 
 
 class EpochSampler(Sampler):
@@ -251,6 +233,7 @@ class Data:
     split: dict[str, list[str]]           # {"train": [...], "val": [...]} file names
     train_labels: list[str]               # the stratifying task's label of each training sample
     skipped: dict[str, str]               # unreadable images left out (data.on_bad_image=skip)
+    preprocessing: Preprocessing          # how validation prepared its images: what inference must do
 
 
 def build_data(cfg, class_names: dict[str, list[str]] | None = None,
@@ -324,11 +307,29 @@ def build_data(cfg, class_names: dict[str, list[str]] | None = None,
                          for part, samples in (("train", train_samples), ("val", val_samples))}
 
     first = next(iter(tasks.values()))
+    preprocessing = Preprocessing.of_run(cfg.data.image_size, cfg.data.background,
+                                         instantiate(cfg.transforms[first.val_transforms]))
     train = CardDataset(images[[row[s.file] for s in train_samples]],
                         {task: t["train"] for task, t in targets.items()},
                         instantiate(cfg.transforms[first.train_transforms]))
     val = CardDataset(images[[row[s.file] for s in val_samples]],
-                      {task: t["val"] for task, t in targets.items()},
-                      instantiate(cfg.transforms[first.val_transforms]))
+                      {task: t["val"] for task, t in targets.items()}, preprocessing.pipeline())
     return Data(train, val, dict(class_names), split, [str(s.meta[stratify_field]) for s in train_samples],
-                skipped=bad)
+                skipped=bad, preprocessing=preprocessing)
+
+
+def make_loaders(cfg, data: Data, device: torch.device, rank: int = 0, world: int = 1) -> tuple[DataLoader, DataLoader]:
+    """trainer.batch_size is the global batch: each of `world` processes loads its share."""
+    workers = cfg.trainer.num_workers
+    if workers == "auto":  # worker processes pay off only when cores are left beside the model's threads
+        threads = torch.get_num_threads()
+        workers = 0 if threads <= 2 else min(8, threads // 2)
+    workers = int(workers)
+    weights = balanced_weights(data.train_labels) if cfg.data.weighted_sampler else None
+    common = dict(batch_size=cfg.trainer.batch_size // world, num_workers=workers, persistent_workers=workers > 0,
+                  pin_memory=device.type == "cuda")
+    # A last batch of one image would stop BatchNorm ("expected more than 1 value per channel"): drop it.
+    lonely_last = math.ceil(len(data.train) / world) % common["batch_size"] == 1
+    train_loader = DataLoader(data.train, sampler=EpochSampler(len(data.train), cfg.seed, weights, rank, world),
+                              drop_last=lonely_last, **common)
+    return train_loader, DataLoader(Subset(data.val, range(rank, len(data.val), world)), **common)

@@ -3,8 +3,8 @@
 Scores every task of a checkpoint on ALL original images of a labelled set (no split;
 augmented files are ignored), prepared exactly as validation prepared them. Writes into
 `out_dir` (default outputs/evaluate/<run>_<checkpoint stem>, or <checkpoint stem> outside a run):
-  metrics.json                 per task: top1_acc, top3_acc (3+ classes), macro precision/recall/f1,
-                               and any other metric the checkpoint's task config declares
+  metrics.json                 per task: every scalar metric the checkpoint's task config declares
+                               (conf/task: top1_acc, top3_acc with 3+ classes, macro precision/recall/f1)
   confusion_<task>.png         the confusion matrix
   misclassified_<task>.png     the misclassified images, true and predicted label under each
   report.md                    all of the above on one page
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -24,41 +23,28 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from balatro_train.checkpoint import load_checkpoint
-from balatro_train.data import check_fields, load_image, load_images, read_labels
-from balatro_train.errors import UserError
+from balatro_train.data import check_fields, load_images, read_labels
+from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
-from balatro_train.metrics import TILE, build_metrics, confusion_figure, misclassified_grid, split_results
+from balatro_train.metrics import TILE, build_metrics, confusion_figure, misclassified_grid, scalars_and_matrices
+from balatro_train.preprocessing import load_image
 from balatro_train.config import CONFIG_DIR
 
 log = logging.getLogger("balatro_train.evaluate")
 
 
-def _metric(cls: str, **kwargs) -> dict:
-    return {"_target_": f"torchmetrics.classification.{cls}", "_partial_": True, **kwargs}
-
-
-# Always reported, whatever the checkpoint's task config declared (build_metrics drops top-3 below 3 classes).
-STANDARD_METRICS = {
-    "top1_acc": _metric("MulticlassAccuracy", top_k=1, average="micro"),
-    "top3_acc": _metric("MulticlassAccuracy", top_k=3, average="micro"),
-    "precision": _metric("MulticlassPrecision", average="macro"),
-    "recall": _metric("MulticlassRecall", average="macro"),
-    "f1": _metric("MulticlassF1Score", average="macro"),
-    "confusion_matrix": _metric("MulticlassConfusionMatrix"),
-}
+# The figure needs a confusion matrix, whether or not the task config declares one.
+CONFUSION_MATRIX = {"_target_": "torchmetrics.classification.MulticlassConfusionMatrix", "_partial_": True}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     log_to_stderr()
-    try:
-        if cfg.dataset.get("render") is not None:  # the demo set is rendered on first use
-            instantiate(cfg.dataset.render)
-        evaluate(cfg.checkpoint, cfg.dataset.labels_file, cfg.dataset.root, cfg.out_dir, cfg.device,
-                 cfg.batch_size, cfg.max_grid_images)
-    except UserError as e:
-        log.error("%s", e)
-        sys.exit(2)
+    if cfg.dataset.get("render") is not None:  # the demo set is rendered on first use
+        instantiate(cfg.dataset.render)
+    evaluate(cfg.checkpoint, cfg.dataset.labels_file, cfg.dataset.root, cfg.out_dir, cfg.device,
+             cfg.batch_size, cfg.max_grid_images)
 
 
 def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", batch_size=64,
@@ -75,7 +61,8 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
                                    state["class_names"][task], labels_file) for task in state["class_names"]}
 
     recognizer = Recognizer(state, device, batch_size)
-    images, bad = load_images(samples, recognizer.image_size, recognizer.background)
+    prep = recognizer.preprocessing
+    images, bad = load_images(samples, prep.image_size, prep.background)
     for problem in bad.values():
         log.warning("skipping %s", problem)
     keep = [i for i, s in enumerate(samples) if s.file not in bad]
@@ -96,8 +83,8 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
         target = targets[task][keep]
         true_list = target.tolist()
         declared = OmegaConf.to_container(tasks[task].metrics)
-        metrics = build_metrics(task, OmegaConf.create({**STANDARD_METRICS, **declared}), len(names))
-        scalars, matrices = split_results(metrics(probs[task], target))
+        metrics = build_metrics(task, OmegaConf.create({**declared, "confusion_matrix": CONFUSION_MATRIX}), len(names))
+        scalars, matrices = scalars_and_matrices(metrics(probs[task], target))
         report["tasks"][task] = scalars
         figure = confusion_figure(matrices["confusion_matrix"], names, f"{task}: {path.name}, {len(samples)} images")
         figure.savefig(out_dir / f"confusion_{task}.png", dpi=100)
@@ -107,7 +94,7 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
         mistakes[task] = [(samples[i].file, names[true_list[i]], names[predicted[i]], confidence[i]) for i in wrong]
         shown = wrong[:max_grid_images]
         # Drawn from the files at tile size: the model's own input may be too small to recognise a card by eye.
-        display = [load_image(samples[i].path, TILE, recognizer.background) for i in shown]
+        display = [load_image(samples[i].path, TILE, prep.background) for i in shown]
         grid = misclassified_grid(display, [names[true_list[i]] for i in shown], [names[predicted[i]] for i in shown],
                                   max_grid_images)
         Image.fromarray(grid).save(out_dir / f"misclassified_{task}.png")

@@ -1,8 +1,9 @@
 """`python -m balatro_train.export checkpoint=<file or run folder> format=onnx|torchscript|original [out=...]
 [benchmark=true]`
 
-Writes the model for deployment with a dynamic batch size, input `images` (float32, N x 3 x S x S,
-already normalised) and one logits output per task, in the checkpoint's task order. Beside it,
+Writes the model for deployment with a dynamic batch size, input `images` (uint8, N x S x S x 3 RGB,
+as `Recognizer.prepare` or `Preprocessing.square` makes them: the model converts and normalises
+them itself) and one logits output per task, in the checkpoint's task order. Beside it,
 `<out without suffix>.json` holds the class names and the preprocessing constants; the same
 entries are in the ONNX file's metadata_props (JSON strings) and in the TorchScript file's
 extra file `balatro_train.json`. Default `out`: next to the checkpoint, `<stem>.onnx` or
@@ -25,7 +26,6 @@ import inspect
 import io
 import json
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -36,43 +36,40 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from balatro_train.checkpoint import load_checkpoint, save_bytes
-from balatro_train.errors import UserError
-from balatro_train.inference import build_model, log_to_stderr, resolve_checkpoint
+from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint, save_bytes
 from balatro_train.config import CONFIG_DIR
+from balatro_train.errors import UserError, exit_on_user_error
+from balatro_train.inference import log_to_stderr, resolve_checkpoint
+from balatro_train.model import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("balatro_train.export")
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 MIN_OPSET = 17
 ORIGINAL_NAME = "best_model.pth"  # ai-balatro's inference tools load data/models/best_model.pth by default
 ORIGINAL_SIZE = 224  # and it normalises with:
-IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "max_pixel_value": 255.0}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     log_to_stderr()
-    try:
-        if cfg.benchmark and cfg.format == "original":
-            raise UserError("benchmark=true times format=onnx or format=torchscript; drop it for format=original")
-        out = export(cfg.checkpoint, cfg.format, cfg.out, cfg.opset)
-        if cfg.benchmark:
-            print_table(benchmark(out, cfg.format, cfg.benchmark_threads, cfg.benchmark_runs))
-    except UserError as e:
-        log.error("%s", e)
-        sys.exit(2)
+    if cfg.benchmark and cfg.format == "original":
+        raise UserError("benchmark=true times format=onnx or format=torchscript; drop it for format=original")
+    out = export(cfg.checkpoint, cfg.format, cfg.out, cfg.opset)
+    if cfg.benchmark:
+        print_table(benchmark(out, cfg.format, cfg.benchmark_threads, cfg.benchmark_runs))
 
 
 class Exportable(nn.Module):
-    """CardNet's backbone and heads as a plain graph: CardNet.forward switches autograd on and off,
-    which neither exporter should see. Returns a tuple (ONNX) or a dict (TorchScript) of logits."""
+    """CardNet's input layer, backbone and heads as a plain graph: CardNet.forward switches autograd on
+    and off, which neither exporter should see. Returns a tuple (ONNX) or a dict (TorchScript) of logits."""
 
     def __init__(self, model: nn.Module, tasks: list[str], as_dict: bool):
         super().__init__()
         self.model, self.tasks, self.as_dict = model, tasks, as_dict
 
     def forward(self, images: torch.Tensor):
-        features = self.model.backbone(images)
+        features = self.model.backbone(self.model.input(images))
         logits = [self.model.heads[task](features) for task in self.tasks]
         return dict(zip(self.tasks, logits)) if self.as_dict else tuple(logits)
 
@@ -88,12 +85,12 @@ def export(checkpoint, fmt: str, out=None, opset: int = MIN_OPSET) -> Path:
     state = load_checkpoint(path, "checkpoint")
     if fmt == "original":
         return export_original(state, path, Path(out) if out else path.with_name(ORIGINAL_NAME))
-    model, tasks = build_model(state), list(state["class_names"])
+    model, tasks = model_from_checkpoint(state), list(state["class_names"])
     size = int(state["preprocessing"]["image_size"])
     out = Path(out) if out else path.with_name(path.stem + FORMATS[fmt])
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata(state, path, fmt, tasks)
-    example = torch.randn(2, 3, size, size)
+    example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
     with torch.no_grad():
         if fmt == "onnx":
             export_onnx(Exportable(model, tasks, as_dict=False), example, out, tasks, opset, meta)
@@ -122,11 +119,10 @@ def export_original(state: dict, checkpoint: Path, out: Path) -> Path:
         log.warning("the model was trained at %d px but the ai-balatro pipeline resizes every image to %dx%d: "
                     "expect lower accuracy there (retrain with data.image_size=%d)",
                     prep["image_size"], ORIGINAL_SIZE, ORIGINAL_SIZE, ORIGINAL_SIZE)
-    trained = {key: prep[key] for key in IMAGENET}
-    if not all(trained[k] and np.allclose(trained[k], v) for k, v in IMAGENET.items()):
-        log.warning("the model was trained with Normalize %s but the ai-balatro pipeline uses the ImageNet %s",
-                    trained, IMAGENET)
-    model = build_model(state)  # also checks that the weights fit a resnet18 CardNet
+    if not (np.allclose(prep["mean"], IMAGENET_MEAN) and np.allclose(prep["std"], IMAGENET_STD)):
+        log.warning("the model normalises with mean %s, std %s but the ai-balatro pipeline uses ImageNet's %s, %s",
+                    prep["mean"], prep["std"], IMAGENET_MEAN, IMAGENET_STD)
+    model = model_from_checkpoint(state)  # also checks that the weights fit a resnet18 CardNet
     children = [name for name, _ in model.backbone.named_children()]
     assert children[-1] == "fc", children  # the classifier, an Identity here, which MultiHeadModel drops
     position = {name: str(i) for i, name in enumerate(children[:-1])}
@@ -165,27 +161,24 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, tasks: list[
 
 def metadata(state: dict, checkpoint: Path, fmt: str, tasks: list[str]) -> dict:
     """What a deployment needs besides the weights: how to prepare an image and how to read the outputs."""
-    prep = state["preprocessing"]
-    steps = {t["__class_fullname__"]: t for t in prep["val_transforms"]["transform"]["transforms"]}
-    normalize = steps.get("Normalize", {})
+    prep, model_cfg = state["preprocessing"], state["config"]["model"]
     size = int(prep["image_size"])
     return {
         "format": fmt,
         "checkpoint": str(checkpoint),
-        "backbone": state["config"]["model"]["backbone"],
-        "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW, RGB"},
+        "backbone": model_cfg["backbone"],
+        "input": {"name": "images", "shape": ["batch", size, size, 3], "dtype": "uint8", "layout": "NHWC, RGB"},
         "outputs": {task: {"shape": ["batch", len(state["class_names"][task])], "values": "logits; softmax them"}
                     for task in tasks},
         "class_names": state["class_names"],
         "fields": state["fields"],
         "preprocessing": {
             "steps": "composite transparency on background, resize to image_size x image_size (bilinear), "
-                     "divide by max_pixel_value, subtract mean, divide by std, HWC -> CHW",
+                     "uint8 RGB; the model itself divides by 255, subtracts mean and divides by std",
             "image_size": size,
             "background": list(prep["background"]),
-            "mean": list(normalize.get("mean", ())),
-            "std": list(normalize.get("std", ())),
-            "max_pixel_value": normalize.get("max_pixel_value"),
+            "mean": list(model_cfg.get("mean", IMAGENET_MEAN)),
+            "std": list(model_cfg.get("std", IMAGENET_STD)),
             "val_transforms": prep["val_transforms"],
         },
     }
@@ -197,9 +190,8 @@ def benchmark(exported: Path, fmt: str, threads: int = 2, runs: int = 50) -> lis
     state = load_checkpoint(meta["checkpoint"], "checkpoint")
     size = meta["preprocessing"]["image_size"]
     torch.set_num_threads(threads)
-    model = build_model(state).to(memory_format=torch.channels_last)
-    runners = {"pytorch eager (channels_last)":
-               lambda x: model(torch.from_numpy(x).to(memory_format=torch.channels_last))}
+    model = model_from_checkpoint(state)
+    runners = {"pytorch eager (channels_last)": lambda x: model(torch.from_numpy(x))}
     if fmt == "onnx":
         import onnxruntime as ort
 
@@ -215,7 +207,7 @@ def benchmark(exported: Path, fmt: str, threads: int = 2, runs: int = 50) -> lis
     rows = []
     with torch.inference_mode():
         for batch in (1, 32):
-            images = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+            images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
             for name, run in runners.items():
                 rows.append({"runtime": name, "batch": batch, "image_size": size, "threads": threads,
                              **time_calls(run, images, runs if batch == 1 else max(3, runs // 5))})

@@ -1,8 +1,9 @@
 """Recognising cards with a trained checkpoint: the `Recognizer` API and what the CLIs share.
 
-Images are prepared exactly as validation prepared them, from the checkpoint's own
-"preprocessing" entry (never from the current config): flatten transparency on the
-background colour, resize to image_size x image_size, then the saved validation pipeline.
+Images are prepared exactly as validation prepared them, by the checkpoint's own preprocessing
+(balatro_train/preprocessing.py; never from the current config): transparency composited on the
+background colour, resized to image_size x image_size, then the saved validation pipeline; the
+model, rebuilt from the checkpoint's own model config, takes the uint8 result as it is.
 
     from balatro_train.inference import Recognizer
     recognizer = Recognizer.from_checkpoint("data/models/best_model.pt")
@@ -16,16 +17,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import albumentations as A
 import numpy as np
 import torch
-from PIL import Image
 
-from balatro_train.checkpoint import load_checkpoint
-from balatro_train.data import flatten_image
-from balatro_train.errors import UserError
-from balatro_train.model import CardNet
+from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_of
 from balatro_train.device import resolve_device
+from balatro_train.errors import UserError
 
 log = logging.getLogger(__name__)
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
@@ -48,25 +45,6 @@ def resolve_checkpoint(path: str | Path | None, key: str = "checkpoint") -> Path
     return path
 
 
-def build_model(state: dict) -> CardNet:
-    """The checkpoint's CardNet in eval mode, on the CPU."""
-    num_classes = {task: len(names) for task, names in state["class_names"].items()}
-    model = CardNet(state["config"]["model"]["backbone"], num_classes=num_classes, pretrained=False)
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-def as_pil(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ValueError(f"expected an HxWx3 (RGB) or HxWx4 (RGBA) uint8 array, got {image.dtype} "
-                             f"with shape {image.shape}")
-        return Image.fromarray(image, "RGB" if image.shape[2] == 3 else "RGBA")
-    raise TypeError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
-
-
 class Recognizer:
     """A checkpoint loaded once, for repeated predictions on CPU or GPU."""
 
@@ -74,12 +52,10 @@ class Recognizer:
         self.device = resolve_device(device, key="device") if isinstance(device, str) else device
         self.class_names: dict[str, list[str]] = state["class_names"]
         self.fields: dict[str, str] = state["fields"]
-        prep = state["preprocessing"]
-        self.image_size, self.background = int(prep["image_size"]), tuple(prep["background"])
-        self.pipeline = A.from_dict(prep["val_transforms"])
+        self.preprocessing = preprocessing_of(state)
+        self.pipeline = self.preprocessing.pipeline()
         self.batch_size = batch_size
-        # channels_last: the faster convolution layout on CPU (oneDNN) and on tensor cores, as in training.
-        self.model = build_model(state).to(self.device, memory_format=torch.channels_last)
+        self.model = model_from_checkpoint(state).to(self.device)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto",
@@ -91,18 +67,23 @@ class Recognizer:
     def tasks(self) -> list[str]:
         return list(self.class_names)
 
+    @property
+    def image_size(self) -> int:
+        return self.preprocessing.image_size
+
     def prepare(self, image) -> np.ndarray:
         """PIL image or HxWx3/HxWx4 uint8 array -> the size x size uint8 RGB array validation saw."""
-        return flatten_image(as_pil(image), self.image_size, self.background)
+        return self.preprocessing.square(image)
 
     def probabilities(self, images: np.ndarray | Sequence[np.ndarray]) -> dict[str, torch.Tensor]:
-        """Softmax per task for already prepared uint8 images (N x size x size x 3), on the CPU."""
+        """Softmax per task for images already squared by `prepare` or `preprocessing.load`
+        (N x size x size x 3 uint8), on the CPU."""
         chunks: dict[str, list[torch.Tensor]] = {task: [] for task in self.class_names}
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
-                batch = torch.stack([self.pipeline(image=np.asarray(image))["image"]
+                batch = torch.stack([torch.from_numpy(np.ascontiguousarray(self.pipeline(image=np.asarray(image))["image"]))
                                      for image in images[start:start + self.batch_size]])
-                batch = batch.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+                batch = batch.to(self.device, non_blocking=True)
                 for task, logits in self.model(batch).items():
                     chunks[task].append(logits.float().softmax(dim=1).cpu())
         if not len(images):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from hydra.utils import instantiate
@@ -29,8 +31,9 @@ def build_metrics(task_name: str, metrics_cfg, num_classes: int) -> MetricCollec
     return MetricCollection(metrics)
 
 
-def split_results(results: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Scalars (go to metrics.jsonl and TensorBoard scalars) apart from matrices (figures)."""
+def scalars_and_matrices(results: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """A task's computed metrics as scalars (for metrics.jsonl and TensorBoard scalars) and matrices
+    (for figures)."""
     scalars, matrices = {}, {}
     for name, value in results.items():
         if value.numel() == 1:
@@ -41,24 +44,20 @@ def split_results(results: dict[str, torch.Tensor]) -> tuple[dict[str, float], d
 
 
 def confusion_figure(matrix: torch.Tensor, class_names: list[str], title: str):
-    """A labelled confusion-matrix figure (rows: true class, columns: predicted class)."""
+    """torchmetrics' confusion-matrix plot (rows: true class, columns: predicted class), sized for
+    its classes, counts written in the cells up to 20 classes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from torchmetrics.utilities.plot import plot_confusion_matrix
 
-    n = len(class_names)
-    size = min(4 + 0.35 * n, 30)
+    size = min(4 + 0.35 * len(class_names), 30)
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix.numpy(), cmap="Blues")
-    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title=title)
-    ax.set_xticklabels(class_names, rotation=90, fontsize=8)
-    ax.set_yticklabels(class_names, fontsize=8)
-    if n <= 20:
-        for (i, j), count in zip(torch.cartesian_prod(torch.arange(n), torch.arange(n)).tolist(),
-                                 matrix.flatten().tolist()):
-            ax.text(j, i, str(int(count)), ha="center", va="center", fontsize=7,
-                    color="white" if count > matrix.max().item() / 2 else "black")
+    with warnings.catch_warnings():  # matplotlib asks the tensor for numpy's copy= keyword: noise, not news
+        warnings.simplefilter("ignore", DeprecationWarning)
+        plot_confusion_matrix(matrix, ax=ax, add_text=len(class_names) <= 20, labels=class_names, cmap="Blues")
+    ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
     return fig
 

@@ -21,8 +21,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from balatro_train.data import load_image
-from balatro_train.errors import UserError
+from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
 from balatro_train.config import CONFIG_DIR
 
@@ -31,13 +30,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     log_to_stderr()
-    try:
-        predict(cfg)
-    except UserError as e:
-        log.error("%s", e)
-        sys.exit(2)
+    predict(cfg)
 
 
 def predict(cfg: DictConfig) -> dict:
@@ -51,7 +47,7 @@ def predict(cfg: DictConfig) -> dict:
     images, kept = [], []
     for path in paths:
         try:
-            images.append(load_image(path, recognizer.image_size, recognizer.background))
+            images.append(recognizer.preprocessing.load(path))
             kept.append(path)
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files: skip, say so
             log.warning("skipping %s: not a readable image (%s)", path, type(e).__name__)
