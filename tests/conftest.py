@@ -15,11 +15,10 @@ import hydra
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from balatro_train.checkpoint import load_checkpoint
+from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint
 from balatro_train.config import CONFIG_DIR
 from balatro_train.data import build_data
 
@@ -162,9 +161,7 @@ def validation_outputs(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[
     state = load_checkpoint(checkpoint)
     cfg = OmegaConf.create(state["config"])
     data = build_data(cfg, state["class_names"], state["split"])
-    model = instantiate(cfg.model, num_classes={t: len(n) for t, n in data.class_names.items()})
-    model.load_state_dict(state["model"])
-    model.eval()
+    model = model_from_checkpoint(state)
     images = torch.stack([data.val[i][0] for i in range(len(data.val))])
     with torch.no_grad():
         return model(images), data.val.targets

@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
 from balatro_train.checkpoint import load_checkpoint
-from balatro_train.data import build_data, load_image
+from balatro_train.data import build_data, make_loaders
 from balatro_train.errors import UserError
 from balatro_train.metrics import build_metrics
-from balatro_train.model import parameter_groups
-from balatro_train.train import class_weights, make_loaders, train, train_one_epoch
+from balatro_train.preprocessing import load_image
+from balatro_train.device import autocast
+from balatro_train.train import class_weights, start_model, train, train_one_epoch
 from conftest import (NAMES, compose, read_metrics, tiny_overrides, validation_outputs, without_timing,
                       write_dataset)
 
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training 
 CPU = torch.device("cpu")
 # A small backbone with a Dropout in its forward: whole runs take about a second.
 SMALL = "model.backbone=mobilenet_v3_small"
-# The `none` pipeline (Normalize, ToTensor) makes a yielded tensor a function of its file alone.
+# The `none` pipeline (no transform) makes a yielded image a function of its file alone.
 UNAUGMENTED = [f"tasks.{task}.{key}=none" for task in ("identification", "modifier")
                for key in ("train_transforms", "val_transforms")]
 
@@ -66,7 +66,7 @@ def test_an_epoch_feeds_each_training_file_once_and_nothing_of_validation(datase
     by_pixels = {}
     for file, meta in {**labels, **augmented}.items():
         pixels = load_image(root / meta["full_path"], cfg.data.image_size, tuple(cfg.data.background))
-        by_pixels[pipeline(image=pixels)["image"].numpy().tobytes()] = file
+        by_pixels[pipeline(image=pixels)["image"].tobytes()] = file
     assert len(by_pixels) == len(labels) + len(augmented)  # no two files look alike
 
     def fed(loader, epoch=1):
@@ -217,11 +217,8 @@ def test_one_step_changes_exactly_the_modules_the_freeze_strategy_trains(tiny_cf
     module (and the heads, always) changes."""
     cfg = tiny_cfg(f"freeze={freeze}", "optimizer=group")
     built = build_data(cfg)
-    model = instantiate(cfg.model, num_classes={t: len(n) for t, n in built.class_names.items()})
-    instantiate(cfg.freeze)(model)
-    optimizer_cfg = OmegaConf.to_container(cfg.optimizer)  # as train.train builds it
-    groups = parameter_groups(model, optimizer_cfg.pop("lr_backbone", None), optimizer_cfg.pop("lr_heads", None))
-    optimizer = instantiate(optimizer_cfg)(groups)
+    model = start_model(cfg, built.class_names, None)
+    optimizer = instantiate(cfg.optimizer)(model)  # as train.train builds them
     loss_fns = {task: nn.CrossEntropyLoss() for task in built.class_names}
     train_loader, _ = make_loaders(cfg, built, CPU)
     train_loader.sampler.set_epoch(1)
@@ -229,9 +226,8 @@ def test_one_step_changes_exactly_the_modules_the_freeze_strategy_trains(tiny_cf
 
     stop = threading.Event()
     stop.set()  # one step, then stop
-    seen = train_one_epoch(model, train_loader, optimizer, torch.amp.GradScaler("cpu", enabled=False), loss_fns,
-                           CPU, None, torch.contiguous_format, {t: torch.zeros(()) for t in loss_fns}, 0, stop,
-                           desc="one step")
+    seen, _ = train_one_epoch(model, train_loader, optimizer, torch.amp.GradScaler("cpu", enabled=False), loss_fns,
+                              autocast(CPU, None), CPU, stop, desc="one step")
     assert seen == cfg.trainer.batch_size
 
     after = model.state_dict()
@@ -273,7 +269,7 @@ def test_resume_is_exact_with_a_model_that_draws_random_numbers_in_its_forward(t
     cfg = tiny_cfg(SMALL, "trainer.epochs=2", "trainer.checkpoint_interval=1", "publish_to=null")
     model = instantiate(cfg.model, num_classes={"identification": 4, "modifier": 3}).train()
     assert any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.backbone.modules())
-    images = torch.randn(4, 3, 32, 32)
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     model.backbone.features.eval()  # BatchNorm on running statistics: only the dropout can differ
     assert not torch.equal(model(images)["modifier"], model(images)["modifier"])
 

@@ -20,32 +20,26 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
-from balatro_train import config  # noqa: F401  (registers the structured config)
-from balatro_train.config import check_config
-from balatro_train.data import build_data
-from balatro_train.errors import UserError
-from balatro_train.model import parameter_groups
-from balatro_train.config import CONFIG_DIR
-from balatro_train.device import resolve_device, resolve_precision
-from balatro_train.train import make_loaders, train_one_epoch
+from balatro_train.config import CONFIG_DIR, check_config, typed_config
+from balatro_train.data import build_data, make_loaders
+from balatro_train.device import autocast, resolve_device, resolve_precision
+from balatro_train.errors import exit_on_user_error
+from balatro_train.train import start_model, train_one_epoch, training_step
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="timed bare steps (after 3 warm-up steps)")
     parser.add_argument("--out", type=Path, help="JSON report path")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m balatro_train")
     args = parser.parse_args(argv)
-    try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="train", overrides=args.overrides)
-        check_config(cfg)
-        report = run_benchmark(cfg, args.steps)
-    except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = typed_config(compose(config_name="train", overrides=args.overrides))
+    check_config(cfg)
+    report = run_benchmark(cfg, args.steps)
     out = args.out or Path("outputs/bench") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
@@ -55,70 +49,57 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run_benchmark(cfg, steps: int) -> dict:
+    """The model, optimizer, step and loaders are built by the runner's own functions."""
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.trainer.device)
     amp_dtype = resolve_precision(cfg.trainer.precision, device)
-    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    forward = autocast(device, amp_dtype)
     if cfg.dataset.render is not None:
         instantiate(cfg.dataset.render)
     started = time.perf_counter()
     data = build_data(cfg)
     decode_seconds = time.perf_counter() - started
 
-    def fresh_model():
-        model = instantiate(cfg.model, num_classes={t: len(n) for t, n in data.class_names.items()})
-        instantiate(cfg.freeze)(model)
-        model.to(device, memory_format=memory_format)
-        optimizer_cfg = OmegaConf.to_container(cfg.optimizer)
-        groups = parameter_groups(model, optimizer_cfg.pop("lr_backbone", None), optimizer_cfg.pop("lr_heads", None))
-        return torch.compile(model) if cfg.trainer.compile else model, instantiate(optimizer_cfg)(groups)
+    def fresh_model_and_optimizer():
+        model = start_model(cfg, data.class_names, None).to(device)
+        return torch.compile(model) if cfg.trainer.compile else model, instantiate(cfg.optimizer)(model)
 
     loss_fns = {task: nn.CrossEntropyLoss() for task in data.class_names}
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     batch, size = cfg.trainer.batch_size, cfg.data.image_size
 
-    # (a) the bare step: the floor that the runner is measured against
-    model, optimizer = fresh_model()
+    # (a) the bare step on a batch already on the device, as the loader delivers it (uint8 NHWC)
+    model, optimizer = fresh_model_and_optimizer()
     model.train()
-    images = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
     targets = {t: torch.randint(0, len(n), (batch,), device=device) for t, n in data.class_names.items()}
-
-    def bare_step():
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            outputs = model(images)
-            loss = sum(fn(outputs[t].float(), targets[t]) for t, fn in loss_fns.items())
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
     for _ in range(3):
-        bare_step()
+        training_step(model, images, targets, optimizer, scaler, loss_fns, forward)
     synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
-        bare_step()
+        training_step(model, images, targets, optimizer, scaler, loss_fns, forward)
     synchronize(device)
     bare = batch * steps / (time.perf_counter() - started)
 
-    # (b) the data pipeline alone, one epoch of the real training loader
+    # (b) the data pipeline alone, one epoch of the real training loader, and its CPU time per image
     train_loader, _ = make_loaders(cfg, data, device)
     train_loader.sampler.set_epoch(1)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     seen = sum(len(images) for images, _ in train_loader)
+    pipeline_cpu_ms = (time.process_time() - cpu_started) * 1000 / seen
     pipeline = seen / (time.perf_counter() - started)
 
     # (c) the runner's real epoch; the first one warms up allocators and workers
-    model, optimizer = fresh_model()
+    model, optimizer = fresh_model_and_optimizer()
     runner = 0.0
     for epoch in (1, 2):
-        totals = {t: torch.zeros((), device=device) for t in loss_fns}
         train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
-        seen = train_one_epoch(model, train_loader, optimizer, scaler, loss_fns, device, amp_dtype, memory_format,
-                               totals, 0, threading.Event(), desc=f"runner epoch {epoch}")
-        for total in totals.values():
-            total.item()
+        seen, loss_means = train_one_epoch(model, train_loader, optimizer, scaler, loss_fns, forward, device,
+                                           threading.Event(), desc=f"runner epoch {epoch}")
+        for mean in loss_means.values():
+            mean.compute()
         runner = seen / (time.perf_counter() - started)
 
     return {
@@ -132,6 +113,7 @@ def run_benchmark(cfg, steps: int) -> dict:
                      "train_images": len(data.train),
                      "num_workers": train_loader.num_workers},
         "images_per_sec": {"bare_step": round(bare, 1), "pipeline": round(pipeline, 1), "runner": round(runner, 1)},
+        "pipeline_cpu_ms_per_image": round(pipeline_cpu_ms, 3),
         "ratios": {"runner_over_bare": round(runner / bare, 3), "pipeline_over_model": round(pipeline / bare, 2)},
         "decode_seconds_once": round(decode_seconds, 2),
     }
@@ -152,6 +134,7 @@ def print_table(report: dict) -> None:
     for name, value in (("bare step", r["bare_step"]), ("data pipeline alone", r["pipeline"]),
                         ("runner epoch", r["runner"])):
         print(f"| {name:<24} | {value:>9.1f} |")
+    print(f"pipeline CPU time per image: {report['pipeline_cpu_ms_per_image']:.3f} ms (process time, with workers 0)")
     print(f"runner / bare step: {q['runner_over_bare']:.3f}   pipeline / model: {q['pipeline_over_model']:.2f}x"
           f"   (one-off decode: {report['decode_seconds_once']} s)")
 

@@ -1,4 +1,6 @@
-"""Checkpoints: written atomically, read only with `torch.load(weights_only=True)`.
+"""Checkpoints: what one holds (`training_checkpoint`), how it is written (atomically) and read
+(`load_checkpoint`, only with `torch.load(weights_only=True)`), and the model it describes
+(`model_from_checkpoint`, rebuilt from the checkpoint's own `model` config).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no pickled
 objects), so loading one never runs code from the file.
@@ -7,26 +9,80 @@ objects), so loading one never runs code from the file.
 from __future__ import annotations
 
 import io
+import logging
+import math
 import os
 import pickle
 import random
 import re
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+from torch import nn
 
 from balatro_train.errors import UserError
+from balatro_train.model import build_model
+from balatro_train.preprocessing import Preprocessing
 
 FORMAT = "balatro-train/1"
+log = logging.getLogger("balatro_train")
+
+
+@dataclass
+class Progress:
+    """How far a run has come: what a resume restores besides the weights and the optimizer."""
+
+    epoch: int = 0                    # the last finished epoch
+    best_val_loss: float = math.inf
+    bad_epochs: int = 0               # epochs since the best one, for early stopping
+    history: list[dict] = field(default_factory=list)   # metrics.jsonl's rows so far
+    partial_epoch: dict | None = None  # an interrupted epoch: {"seen": images, "loss_sums": {task: [sum, count]}}
+
+    @classmethod
+    def of(cls, state: dict) -> Progress:
+        return cls(state["epoch"], state["best_val_loss"], state["bad_epochs"], state["history"],
+                   state["partial_epoch"])
+
+    def record(self, row: dict) -> bool:
+        """Add a finished epoch; returns whether its combined validation loss is the best so far."""
+        self.epoch = row["epoch"]
+        self.history.append(row)
+        improved = row["val_loss"] < self.best_val_loss
+        self.best_val_loss, self.bad_epochs = (row["val_loss"], 0) if improved else (self.best_val_loss,
+                                                                                    self.bad_epochs + 1)
+        return improved
+
+
+def training_checkpoint(cfg, progress: Progress, model: nn.Module, optimizer, scheduler, scaler, data) -> dict:
+    """Everything a checkpoint holds: enough to resume the run exactly, and to use the model
+    (its config, class names, task fields and preprocessing) without the run's config files."""
+    return {"format": FORMAT, "epoch": progress.epoch, "partial_epoch": progress.partial_epoch,
+            "best_val_loss": progress.best_val_loss, "bad_epochs": progress.bad_epochs, "history": progress.history,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_state(),
+            "class_names": data.class_names, "fields": {task: t.field for task, t in cfg.tasks.items()},
+            "split": data.split, "pretrained_loaded": model.pretrained_loaded,
+            "config": OmegaConf.to_container(cfg, resolve=True), "preprocessing": data.preprocessing.to_dict()}
+
+
+def model_from_checkpoint(state: dict) -> nn.Module:
+    """The checkpoint's model, rebuilt from its own `model` config with its weights, in eval mode."""
+    return build_model(state["config"]["model"], state["class_names"], state["model"], pretrained=False).eval()
+
+
+def preprocessing_of(state: dict) -> Preprocessing:
+    return Preprocessing.from_dict(state["preprocessing"])
 
 
 def save_checkpoint(state: dict, paths: list[Path]) -> None:
     """Serialise once, then write each path atomically (temporary file beside it, fsync, rename),
     so that a kill at any moment leaves the previous file whole."""
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **state}, buffer)
+    torch.save(state, buffer)
     for path in paths:
         save_bytes(buffer.getbuffer(), path)
 
@@ -70,6 +126,39 @@ def load_checkpoint(path: str | Path, key: str = "resume") -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{key}={path}: not a balatro-train checkpoint (no '{FORMAT}' format tag)")
     return state
+
+
+def carry_best_checkpoint(resumed: dict, resumed_from: Path, checkpoints: Path) -> None:
+    """A resumed run starts its folder with the best model so far, found beside the checkpoint it
+    resumes from, so that it has a best.pt even when no later epoch beats it."""
+    if not resumed["history"]:
+        return
+    best_epoch = min(resumed["history"], key=lambda r: r["val_loss"])["epoch"]
+    for candidate in (resumed_from.parent / "best.pt", resumed_from.parent / f"epoch_{best_epoch:03d}.pt",
+                      resumed_from):
+        if not candidate.is_file():
+            continue
+        state = resumed if candidate == resumed_from else load_checkpoint(candidate, "resume")
+        if (state["epoch"], state["partial_epoch"], state["best_val_loss"]) == (best_epoch, None,
+                                                                              resumed["best_val_loss"]):
+            copy_file_atomically(candidate, checkpoints / "best.pt")
+            log.info("best model so far (epoch %d) copied from %s", best_epoch, candidate)
+            return
+    log.warning("the best model so far (epoch %d) is not beside %s; best.pt will be written when an epoch of "
+                "this run improves on it", best_epoch, resumed_from)
+
+
+def check_compatible(checkpoint: dict, cfg, key: str) -> None:
+    """A checkpoint whose weights start this run (resume, init_from) has its tasks and its model."""
+    fields = {task: t.field for task, t in cfg.tasks.items()}
+    if checkpoint["fields"] != fields:
+        raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint was trained for tasks {checkpoint['fields']}, "
+                        f"this run has {fields}; pick the same task=...")
+    saved_model = {k: v for k, v in checkpoint["config"]["model"].items() if k != "pretrained"}
+    this_model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "pretrained"}
+    if saved_model != this_model:
+        raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint holds a {saved_model} model, this run asks "
+                        f"for {this_model}; pick the same model=... (and model.* keys)")
 
 
 def rng_state() -> dict:
