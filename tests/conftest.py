@@ -80,11 +80,23 @@ def tiny_overrides(data: dict, root: Path, precision: str | None = "32") -> list
             *([f"trainer.precision={precision}"] if precision else []), "trainer.num_workers=0", "optimizer.lr=3e-3"]
 
 
+def own_core():
+    """For subprocess's preexec_fn: the suite runs two xdist workers on two cores, and the runner takes
+    every core it may use for its threads, so each worker's command lines are pinned to a core of
+    their own; two runs side by side would otherwise oversubscribe the cores, which slows both far
+    more than twice."""
+    worker, cores = os.environ.get("PYTEST_XDIST_WORKER", ""), sorted(os.sched_getaffinity(0))
+    if not worker.startswith("gw") or len(cores) < 2:
+        return None
+    core = cores[int(worker[2:]) % len(cores)]
+    return lambda: os.sched_setaffinity(0, {core})
+
+
 def run_cli(args: list[str], cwd: Path, module: str = "balatro_train", check: bool = True,
             timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
     result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=timeout)
+                            text=True, timeout=timeout, preexec_fn=own_core())
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli, tiny_overrides
+from conftest import own_core, run_cli, tiny_overrides
 
 
 def test_two_process_ddp_matches_a_single_process_run(dataset, tmp_path):
@@ -21,10 +21,11 @@ def test_two_process_ddp_matches_a_single_process_run(dataset, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "balatro_train",
          *args, "hydra.run.dir=outputs/ddp"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "8"})
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "8"},
+        preexec_fn=own_core())
     assert result.returncode == 0, result.stdout + result.stderr
     # each process takes its share of the cores (torchrun's OMP_NUM_THREADS=1 was overridden before)
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if own_core() is None else 1  # pinned to one core beside another worker
     assert f"distributed: 2 processes, backend gloo, {max(1, cores // 2)} CPU threads per process" in \
         result.stdout + result.stderr
 

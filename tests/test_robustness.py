@@ -22,7 +22,7 @@ from balatro_train.data import build_data, read_labels, split_samples
 from balatro_train.errors import Interrupted, UserError
 from balatro_train.job import threads_for_this_process
 from balatro_train.train import train
-from conftest import compose, read_metrics, run_cli, run_dirs, tiny_overrides, without_timing, write_dataset
+from conftest import compose, own_core, read_metrics, run_cli, run_dirs, tiny_overrides, without_timing, write_dataset
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -33,7 +33,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training 
 
 def start_training(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "balatro_train", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=own_core())
 
 
 def wait_for(path_glob, cwd: Path, process: subprocess.Popen, timeout: float = 120) -> Path:

@@ -15,6 +15,14 @@ class Interrupted(Exception):
     how to resume."""
 
 
+def user_error_in(error: BaseException) -> UserError | None:
+    """The UserError that caused `error`, if any: hydra.utils.instantiate wraps what a `_target_`
+    raises (an unknown backbone, a bad render setting) in its own InstantiationException."""
+    while error is not None and not isinstance(error, UserError):
+        error = error.__cause__
+    return error
+
+
 def exit_on_user_error(cli):
     """For a command-line tool's main: a UserError becomes its one-line message on stderr and exit
     code 2, never a traceback."""
@@ -23,8 +31,10 @@ def exit_on_user_error(cli):
     def run(*args, **kwargs):
         try:
             return cli(*args, **kwargs)
-        except UserError as e:
-            logging.getLogger("balatro_train").error("%s", e)
+        except Exception as e:
+            if user_error_in(e) is None:
+                raise
+            logging.getLogger("balatro_train").error("%s", user_error_in(e))
             sys.exit(2)
 
     return run

@@ -33,7 +33,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from balatro_train.checkpoint import copy_file_atomically
-from balatro_train.errors import Interrupted, UserError
+from balatro_train.errors import Interrupted, user_error_in
 
 log = logging.getLogger("balatro_train")
 
@@ -57,16 +57,17 @@ def run_hydra_job(cfg: DictConfig, train: Callable[..., float]) -> float:
     except Interrupted as e:
         log.warning("%s", e)
         sys.exit(130)
-    except UserError as e:
-        log.error("%s", e)
-        if not in_sweep:
-            sys.exit(2)
-        error = str(e)
     except Exception as e:  # noqa: BLE001  (in a sweep, one broken combination must not stop the others)
-        if not in_sweep:
+        if user_error_in(e) is not None:
+            log.error("%s", user_error_in(e))
+            if not in_sweep:
+                sys.exit(2)
+            error = str(user_error_in(e))
+        elif not in_sweep:
             raise
-        log.exception("job failed")
-        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        else:
+            log.exception("job failed")
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     else:
         if cfg.publish_to and not in_sweep and int(os.environ.get("RANK", "0")) == 0:
             publish(out_dir / "checkpoints" / "best.pt", Path(cfg.publish_to))
