@@ -50,6 +50,17 @@ def write_epoch(row: dict, results: dict, data, predictions: dict, world: int, m
         writer.add_image(f"{task}/misclassified", grid, epoch, dataformats="HWC")
 
 
+def write_predictions(path: Path, data, predictions: dict[str, torch.Tensor]) -> None:
+    """The best epoch's answer for every validation image, {file: {task: {"true": label, "pred": label}}},
+    so that a report can break accuracy down by class, by edition or by how often a card was seen."""
+    rows = {file: {} for file in data.split["val"]}
+    for task, predicted in predictions.items():
+        names = data.class_names[task]
+        for file, true, pred in zip(data.split["val"], data.val.targets[task].tolist(), predicted.tolist()):
+            rows[file][task] = {"true": names[true], "pred": names[pred]}
+    path.write_text(json.dumps(rows, indent=0))
+
+
 def log_epoch(row: dict, epochs: int, improved: bool, tasks: list[str]) -> None:
     log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f%s  %s  lr %.2e  %.1fs  %.0f img/s",
              row["epoch"], epochs, row["train_loss"], row["val_loss"], " *" if improved else "",

@@ -36,7 +36,7 @@ from balatro_train.checkpoint import (Progress, carry_best_checkpoint, check_com
 from balatro_train.config import CONFIG_DIR, check_config, typed_config
 from balatro_train.data import build_data, make_loaders
 from balatro_train.device import autocast, resolve_precision, start_process
-from balatro_train.run_log import epoch_row, finish, log_epoch, write_epoch
+from balatro_train.run_log import epoch_row, finish, log_epoch, write_epoch, write_predictions
 from balatro_train.errors import Interrupted, UserError
 from balatro_train.job import run_hydra_job
 from balatro_train.metrics import build_metrics
@@ -113,6 +113,8 @@ def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None, h
             step_scheduler(scheduler, row["val_loss"])
             if process.is_main:
                 write_epoch(row, results, data, predictions, process.world, out_dir / "metrics.jsonl", writer)
+                if improved and process.world == 1:
+                    write_predictions(out_dir / "val_predictions.json", data, predictions)
                 save_checkpoint(checkpoint(), [checkpoints / "last.pt"] + [checkpoints / "best.pt"] * improved
                                 + [checkpoints / f"epoch_{epoch:03d}.pt"] * (epoch % cfg.trainer.checkpoint_interval == 0))
             log_epoch(row, cfg.trainer.epochs, improved, list(loss_fns))
