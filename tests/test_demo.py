@@ -1,4 +1,5 @@
-"""The demo dataset: the annotation tool's format, deterministic, atomic, and the runner's default."""
+"""The demo datasets: the annotation tool's format, deterministic, atomic, the runner's default, and the
+collection style's shape (the real collection's types, screenshots per card, editions, unnamed Jokers)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,21 @@ import multiprocessing
 from pathlib import Path
 
 import numpy as np
+import pytest
+from hydra.utils import instantiate
 from PIL import Image
 
-from balatro_train.demo import EDITIONS, catalogue, ensure_rendered, write_contact_sheet
-from conftest import run_cli, run_dirs
+import balatro_train.demo as demo
+from balatro_train.data import build_data, read_labels
+from balatro_train.demo import EDITIONS, catalogue, ensure_rendered, main, summary, write_contact_sheet
+from balatro_train.demo_cards import (BANNER, BANNER_COLOUR, apply_edition, card_sprite, plan_collection,
+                                      shows_name)
+from balatro_train.errors import UserError
+from conftest import compose, run_cli, run_dirs
 
 TINY = dict(num_cards=8, samples_per_card=3, augmented_per_card=2, seed=0)
+TINY_COLLECTION = dict(style="collection", num_cards=12, samples_per_card=4, augmented_per_card=0, seed=0)
+REAL = {"Base": 177, "Foil": 90, "Holographic": 43, "Polychrome": 58, "Negative": 39}  # cards of 181
 
 
 def load(out_dir: Path) -> tuple[dict, dict]:
@@ -43,21 +53,125 @@ def test_render_writes_the_annotation_tools_format(tmp_path):
         assert {k: v for k, v in meta.items() if k not in ("full_path", "parent", "augmentation")} == \
             {k: v for k, v in labels[meta["parent"]].items() if k != "full_path"}
         assert Image.open(meta["full_path"]).mode == "RGBA"
+    assert json.loads((Path(out_dir) / "render.json").read_text()) == {"style": "easy", **TINY}
 
 
-def test_render_is_deterministic_and_reused(tmp_path):
+@pytest.mark.parametrize("settings", [TINY, TINY_COLLECTION], ids=["easy", "collection"])
+def test_render_is_deterministic_and_reused(tmp_path, settings):
     a, b = tmp_path / "a", tmp_path / "b"
-    ensure_rendered(str(a), **TINY)
-    ensure_rendered(str(b), **TINY)
+    ensure_rendered(str(a), **settings)
+    ensure_rendered(str(b), **settings)
     (labels_a, aug_a), (labels_b, aug_b) = load(a), load(b)
     strip = lambda d: {f: {k: v for k, v in m.items() if k != "full_path"} for f, m in d.items()}  # noqa: E731
     assert strip(labels_a) == strip(labels_b) and strip(aug_a) == strip(aug_b)
-    for file in list(labels_a)[:5]:
+    for file in labels_a:
         assert np.array_equal(np.asarray(Image.open(a / "dataset_default" / file)),
                               np.asarray(Image.open(b / "dataset_default" / file)))
     stamp = (a / "dataset_default/labels.json").stat().st_mtime_ns
-    ensure_rendered(str(a), **TINY)
+    ensure_rendered(str(a), **settings)
     assert (a / "dataset_default/labels.json").stat().st_mtime_ns == stamp
+
+
+def test_a_folder_rendered_with_other_settings_is_refused(tmp_path):
+    out_dir = str(tmp_path / "set")
+    ensure_rendered(out_dir, **TINY)
+    with pytest.raises(UserError, match="other settings"):
+        ensure_rendered(out_dir, **{**TINY, "seed": 1})
+
+
+@pytest.mark.parametrize("dataset", ["demo", "collection"])
+def test_every_render_setting_is_part_of_the_folder_name(dataset):
+    """A changed setting must render its own set, never reuse one rendered with the old value."""
+    cfg = compose([f"dataset={dataset}"])
+    render = cfg.dataset.render
+    assert cfg.dataset.labels_file == f"{render.out_dir}/dataset_default/labels.json"
+    assert list(cfg.dataset.augmented_labels_files) == [f"{render.out_dir}/augmented/augmented.json"]
+    other = {"style": "easy" if render.style == "collection" else "collection", "num_cards": 20,
+             "samples_per_card": 5, "augmented_per_card": 3, "seed": 7}
+    assert set(render) - {"_target_", "out_dir"} == set(other)
+    folders = {render.out_dir}
+    for key, value in other.items():
+        folders.add(compose([f"dataset={dataset}", f"dataset.render.{key}={value}"]).dataset.render.out_dir)
+    assert len(folders) == 1 + len(other)
+
+
+def test_the_presets():
+    """demo: the easy set as it was; collection: the real collection's scale, no augmentations."""
+    easy, real = demo.preset("demo"), demo.preset("collection")
+    assert {k: easy[k] for k in ("style", "num_cards", "samples_per_card", "augmented_per_card")} == \
+        {"style": "easy", "num_cards": 48, "samples_per_card": 40, "augmented_per_card": 10}
+    assert {k: real[k] for k in ("style", "num_cards", "samples_per_card", "augmented_per_card")} == \
+        {"style": "collection", "num_cards": 181, "samples_per_card": 7.7, "augmented_per_card": 0}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_collection_style_has_the_real_collections_shape(seed):
+    """181 cards in the real collection's types, 1 to 15 screenshots (7.7 on average, about a tenth
+    seen once), each edition on about the share of cards it has there; a model that ignores the
+    edition scores at most 0.75 on the modifier head."""
+    plan = plan_collection(181, 7.7, np.random.default_rng(seed))
+    labels = {f"{i}_{k}": {"name": card[0], "type": card[1], "modifier": edition}
+              for i, (card, editions) in enumerate(plan) for k, edition in enumerate(editions)}
+    stats = summary(labels)
+    assert stats["cards_per_type"] == {"Joker": 133, "Tarot": 22, "Planet": 10, "Spectral": 16}
+    assert stats["per_card_min"] == 1 and stats["per_card_max"] == 15
+    assert stats["per_card_mean"] == pytest.approx(7.7, abs=0.15)
+    assert 0.07 <= stats["cards_seen_once"] / 181 <= 0.14
+    for edition, real in REAL.items():
+        assert stats["cards_per_edition"][edition] == pytest.approx(real, abs=max(4, 0.15 * real)), edition
+    assert stats["screenshots_per_edition"]["Base"] / stats["screenshots"] <= 0.75
+
+
+def test_the_rendered_collection_follows_its_plan_and_reads_without_augmentations(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["dataset=collection", *(f"dataset.render.{k}={v}" for k, v in TINY_COLLECTION.items()),
+                   "data.image_size=32"])
+    out_dir = Path(instantiate(cfg.dataset.render))
+    labels, augmented = load(out_dir)
+    assert augmented == {} and read_labels(cfg.dataset.augmented_labels_files[0], ".", augmented=True) == []
+    plan = plan_collection(12, 4, np.random.default_rng(0))
+    assert {f: (m["name"], m["modifier"]) for f, m in labels.items()} == \
+        {f"card{i:03d}_s{k:02d}.png": (card[0], edition)
+         for i, (card, editions) in enumerate(plan) for k, edition in enumerate(editions)}
+    data = build_data(cfg)
+    assert len(data.train) + len(data.val) == len(labels)
+
+
+def test_jokers_show_no_name_and_consumables_do(tmp_path, monkeypatch):
+    joker, tarot = catalogue()[0], next(c for c in catalogue() if c[1] == "Tarot")
+    assert not shows_name("Joker", "collection") and shows_name("Tarot", "collection")
+    assert shows_name("Joker", "easy")
+    named, bare = np.asarray(card_sprite(joker, 0, named=True)), np.asarray(card_sprite(joker, 0, named=False))
+    x0, y0, x1, y1 = BANNER
+    outside = np.ones(named.shape[:2], bool)
+    outside[y0:y1 + 1, x0:x1 + 1] = False
+    assert np.array_equal(named[outside], bare[outside])  # the same art: only the name differs
+    is_banner = lambda sprite: (sprite == BANNER_COLOUR).all(-1).sum()  # noqa: E731
+    assert is_banner(bare) == 0 and is_banner(named) > 500
+    assert len(np.unique(bare[y0:y1 + 1, x0:x1 + 1].reshape(-1, 3), axis=0)) == 1  # nothing written there
+    # The renderer asks for a name on consumables only.
+    asked = []
+    original = demo.card_sprite
+    monkeypatch.setattr(demo, "card_sprite", lambda card, seed, named: asked.append((card[1], named)) or
+                        original(card, seed, named))
+    ensure_rendered(str(tmp_path / "set"), **TINY_COLLECTION)
+    assert {t for t, named in asked if named} == {"Tarot", "Planet", "Spectral"}
+    assert {t for t, named in asked if not named} == {"Joker"}
+    assert is_banner(np.asarray(card_sprite(tarot, 0, named=True))) > 0
+
+
+def test_collection_foil_and_holographic_are_faint_and_keep_the_cards_colours():
+    card = np.asarray(card_sprite(catalogue()[3], 0, named=False).resize((142, 190)), np.float32)
+    for edition in ("Foil", "Holographic"):
+        subtle = apply_edition(card, edition, np.random.default_rng(0), "collection")
+        loud = apply_edition(card, edition, np.random.default_rng(0), "easy")
+        change = np.abs(subtle - card).mean()
+        assert 4 < change < 25 and np.abs(loud - card).mean() > 2 * change, edition  # visible, but faint
+        same = lambda image: np.corrcoef(image.ravel(), card.ravel())[0, 1]  # noqa: E731
+        assert same(subtle) > 0.9 and same(loud) < 0.8, edition  # the card's own colours, not a repaint
+    for edition in ("Polychrome", "Negative"):  # the same in both styles
+        assert np.array_equal(apply_edition(card, edition, np.random.default_rng(0), "collection"),
+                              apply_edition(card, edition, np.random.default_rng(0), "easy"))
 
 
 def _render(out_dir: str) -> str:
@@ -80,6 +194,15 @@ def test_contact_sheet(tmp_path):
     assert sheet.width > 500 and sheet.height > 400
 
 
+def test_the_command_renders_a_preset_with_a_contact_sheet(tmp_path, capsys):
+    out_dir = tmp_path / "set"
+    main(["--dataset", "collection", "--num-cards", "12", "--samples-per-card", "4", "--out-dir", str(out_dir),
+          "--preview"])
+    assert (out_dir / "contact_sheet.png").is_file()
+    assert json.loads((out_dir / "render.json").read_text()) == {**TINY_COLLECTION}
+    assert "cards_per_type: {'Joker': 6, 'Tarot': 2, 'Planet': 2, 'Spectral': 2}" in capsys.readouterr().out
+
+
 def test_the_default_dataset_trains_out_of_the_box(tmp_path):
     """`python -m balatro_train` with no dataset options renders the demo and trains on it."""
     run_cli(["dataset.render.num_cards=8", "dataset.render.samples_per_card=4", "data.image_size=32",
@@ -87,5 +210,5 @@ def test_the_default_dataset_trains_out_of_the_box(tmp_path):
     [run] = run_dirs(tmp_path)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {"identification/top1_acc", "modifier/top1_acc"} <= set(rows[0])
-    assert (tmp_path / "data/demo/cards8_x4_aug10_seed0/dataset_default/labels.json").is_file()
+    assert (tmp_path / "data/demo/easy_cards8_x4_aug10_seed0/dataset_default/labels.json").is_file()
     assert (tmp_path / "data/models/best_model.pt").is_file()
