@@ -22,11 +22,13 @@ def test_single_run_leaves_a_complete_run_folder(dataset, tmp_path):
                  "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/epoch_002.pt", "checkpoints/epoch_004.pt"):
         assert (run / name).is_file(), name
     assert not (run / "checkpoints/epoch_003.pt").exists()
-    events = EventAccumulator(str(run / "tb"))
-    events.Reload()
-    assert {"train_loss", "val_loss", "lr", "identification/top3_acc", "modifier/val_loss"} <= set(events.Tags()["scalars"])
-    assert {"modifier/confusion_matrix", "modifier/misclassified", "identification/misclassified"} <= \
-        set(events.Tags()["images"])
+    train_events, val_events = EventAccumulator(str(run / "tb/train")), EventAccumulator(str(run / "tb/val"))
+    train_events.Reload(), val_events.Reload()
+    assert {"Loss/combined", "Loss/modifier", "lr/heads"} <= set(train_events.Tags()["scalars"])
+    assert {"Loss/combined", "Loss/modifier", "Top1/identification", "identification/top3_acc"} <= \
+        set(val_events.Tags()["scalars"])
+    assert {"modifier/confusion_matrix", "identification/confusion_matrix", "modifier/misclassified",
+            "identification/misclassified"} <= set(val_events.Tags()["images"])
 
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]

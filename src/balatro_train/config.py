@@ -43,6 +43,7 @@ class TrainerConfig:
     batch_size: int = 32
     patience: int = 5
     checkpoint_interval: int = 5
+    log_every_n_steps: int = 20
     device: str = "auto"
     precision: str = "auto"
     num_workers: str = "auto"
@@ -104,7 +105,8 @@ def check_config(cfg) -> None:
     if not cfg.tasks:
         raise UserError("no task selected: choose one with task=identification|modifier|multi")
     for key, value in (("trainer.epochs", t.epochs), ("trainer.batch_size", t.batch_size),
-                       ("trainer.checkpoint_interval", t.checkpoint_interval)):
+                       ("trainer.checkpoint_interval", t.checkpoint_interval),
+                       ("trainer.log_every_n_steps", t.log_every_n_steps)):
         if value < 1:
             raise UserError(f"{key}={value} must be at least 1")
     if t.patience < 0:

@@ -5,7 +5,9 @@ augmented files are ignored), prepared exactly as validation prepared them. Writ
 `out_dir` (default outputs/evaluate/<run>_<checkpoint stem>, or <checkpoint stem> outside a run):
   metrics.json                 per task: every scalar metric the checkpoint's task config declares
                                (conf/task: top1_acc, top3_acc with 3+ classes, macro precision/recall/f1)
-  confusion_<task>.png         the confusion matrix
+  confusion_<task>.png         the confusion matrix (beyond 10 classes, the block of the 10 most confused)
+  confusion_summary.md, .csv   per task and class: support, precision, recall, F1 and the classes it is
+                               most often taken for, worst first
   misclassified_<task>.png     the misclassified images, true and predicted label under each
   report.md                    all of the above on one page
 """
@@ -26,9 +28,11 @@ from balatro_train.checkpoint import load_checkpoint
 from balatro_train.data import check_fields, load_images, read_labels
 from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
-from balatro_train.metrics import TILE, build_metrics, confusion_figure, misclassified_grid, scalars_and_matrices
+from balatro_train.metrics import (TILE, build_metrics, confusion_figure, confusion_summary, misclassified_grid,
+                                   scalars_and_matrices)
 from balatro_train.preprocessing import load_image
 from balatro_train.config import CONFIG_DIR
+from balatro_train.run_log import write_confusion_summaries
 
 log = logging.getLogger("balatro_train.evaluate")
 
@@ -78,7 +82,7 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
               "skipped": sorted(bad), "tasks": {}}
     import matplotlib.pyplot as plt  # confusion_figure's figures belong to pyplot: closed here, or they pile up
 
-    mistakes = {}
+    mistakes, summaries = {}, {}
     for task, names in state["class_names"].items():
         target = targets[task][keep]
         true_list = target.tolist()
@@ -89,6 +93,7 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
         figure = confusion_figure(matrices["confusion_matrix"], names, f"{task}: {path.name}, {len(samples)} images")
         figure.savefig(out_dir / f"confusion_{task}.png", dpi=100)
         plt.close(figure)
+        summaries[task] = confusion_summary(matrices["confusion_matrix"], names)
         confidence, predicted = (values.tolist() for values in probs[task].max(dim=1))
         wrong = [i for i, (t, p) in enumerate(zip(true_list, predicted)) if t != p]
         mistakes[task] = [(samples[i].file, names[true_list[i]], names[predicted[i]], confidence[i]) for i in wrong]
@@ -96,10 +101,11 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
         # Drawn from the files at tile size: the model's own input may be too small to recognise a card by eye.
         display = [load_image(samples[i].path, TILE, prep.background) for i in shown]
         grid = misclassified_grid(display, [names[true_list[i]] for i in shown], [names[predicted[i]] for i in shown],
-                                  max_grid_images)
+                                  max_grid_images, [confidence[i] for i in shown])
         Image.fromarray(grid).save(out_dir / f"misclassified_{task}.png")
 
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_confusion_summaries(out_dir, summaries, f"{path.name} on {len(samples)} images of {labels_file}")
     (out_dir / "report.md").write_text(markdown(report, state, mistakes, max_grid_images))
     log.info("%s; report in %s", "  ".join(f"{t}/top1 {m['top1_acc']:.3f}" for t, m in report["tasks"].items()
                                            if "top1_acc" in m), out_dir / "report.md")
@@ -138,6 +144,8 @@ def markdown(report: dict, state: dict, mistakes: dict, max_rows: int) -> str:
                   "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {value:.4f} |" for name, value in scores.items()]
         lines += ["", f"![confusion matrix](confusion_{task}.png)", "",
+                  f"Per class (support, precision, recall, F1, what it is taken for), worst first: "
+                  f"[confusion_summary.md](confusion_summary.md)", "",
                   f"### Misclassified: {len(mistakes[task])} of {report['num_images']}", ""]
         if mistakes[task]:
             lines += [f"![misclassified](misclassified_{task}.png)", "",

@@ -11,7 +11,9 @@ out_dir, stop, hparams)` itself never looks at:
 * a sweep job started again in its own folder (a SLURM requeue) resumes from its own last.pt;
 * failures: a single run exits 2 with one line for a mistake the user can fix; in a sweep, any
   failing job leaves `error.txt` and returns NaN so that the other jobs still run;
-* a single run publishes its best checkpoint to `publish_to` (sweeps never do).
+* a single run publishes its best checkpoint to `publish_to` (sweeps never do);
+* what TensorBoard's HPARAMS view shows of the job: its group choices and overridden keys, which of
+  them the sweep varies, and the name of its TensorBoard folder (its swept overrides).
 """
 
 from __future__ import annotations
@@ -29,15 +31,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from balatro_train.checkpoint import copy_file_atomically
 from balatro_train.errors import Interrupted, user_error_in
+from balatro_train.run_log import HParams, hparam_value, main_values
 
 log = logging.getLogger("balatro_train")
-
-HPARAM_GROUPS = ("dataset", "task", "model", "freeze", "optimizer", "scheduler")
 
 
 def run_hydra_job(cfg: DictConfig, train: Callable[..., float]) -> float:
@@ -53,7 +55,7 @@ def run_hydra_job(cfg: DictConfig, train: Callable[..., float]) -> float:
         cfg.resume = str(own_last)
     try:
         with stop_on_signals() as stop:
-            best_loss = train(cfg, out_dir, stop=stop, hparams=hparams(cfg, hydra_cfg.runtime.choices))
+            best_loss = train(cfg, out_dir, stop=stop, hparams=hparams(cfg, hydra_cfg, out_dir))
     except Interrupted as e:
         log.warning("%s", e)
         sys.exit(130)
@@ -124,11 +126,41 @@ def threads_for_this_process(parallel_jobs: int | None = 1) -> int:
     return max(1, cores // (parallel_jobs * processes_per_job))
 
 
-def hparams(cfg: DictConfig, choices) -> dict:
-    """The run's strategy choices and main numbers, for TensorBoard's HPARAMS view."""
-    values = {group: choices.get(group) for group in HPARAM_GROUPS}
-    values.update({"seed": cfg.seed, "image_size": cfg.data.image_size, "batch_size": cfg.trainer.batch_size,
-                   "epochs": cfg.trainer.epochs, "precision": cfg.trainer.precision,
-                   "weighted_sampler": cfg.data.weighted_sampler})
-    values.update({f"optimizer.{k}": v for k, v in cfg.optimizer.items() if k.startswith("lr")})
-    return {k: v for k, v in values.items() if v is not None}
+def hparams(cfg: DictConfig, hydra_cfg, out_dir: Path) -> HParams:
+    """What TensorBoard's HPARAMS view shows of this job: every config group's choice, the main numbers
+    and every key overridden on the command line, with the values (and types) they have in the composed
+    config; the keys its sweep varies, first; its TensorBoard folder named after its swept overrides
+    (`optimizer=group,freeze=all`; a single run writes into tb/ itself)."""
+    choices = {group: choice for group, choice in hydra_cfg.runtime.choices.items()
+               if choice is not None and not group.startswith("hydra")}
+    values = {**main_values(cfg), **choices}
+    overrides = {}
+    for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
+        key = override.key_or_group
+        if override.is_hydra_override() or override.is_delete() or key.startswith("hydra"):
+            continue
+        overrides[key] = override.input_line
+        if key not in choices:
+            values[key] = hparam_value(OmegaConf.select(cfg, key, default=None))
+    if hydra_cfg.mode != RunMode.MULTIRUN:  # a single run: what its command line changed
+        return HParams(values, tuple(overrides))
+    swept = tuple(key for key in overrides if key in swept_keys(hydra_cfg, out_dir))
+    name = ",".join(overrides[key] for key in swept).replace(os.sep, "_")[:200]
+    return HParams(values, swept, name)
+
+
+def swept_keys(hydra_cfg, out_dir: Path) -> set[str]:
+    """The keys a sweep varies: those of its sweeper's `params` (Optuna's search space, a benchmark's
+    seeds) and the command line's sweeps (`optimizer=simple,group`), read from the multirun.yaml that
+    Hydra's sweeper left in the sweep folder."""
+    keys = set(OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {})
+    for folder in list(out_dir.parents)[:2]:
+        if (folder / "multirun.yaml").is_file():
+            try:
+                task = OmegaConf.load(folder / "multirun.yaml").hydra.overrides.task
+                keys |= {o.key_or_group for o in OverridesParser.create().parse_overrides(list(task))
+                         if o.is_sweep_override()}
+            except Exception as e:  # noqa: BLE001  (HPARAMS then just won't tick the swept keys first)
+                log.debug("could not read the sweep's overrides from %s: %s", folder / "multirun.yaml", e)
+            break
+    return keys

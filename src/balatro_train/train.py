@@ -8,7 +8,6 @@ checkpoint, stop early -> `training_step`, where the loss is. Everything configu
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -27,16 +26,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.tensorboard import SummaryWriter
 from torchmetrics import MeanMetric
-from tqdm import tqdm
 
 from balatro_train.checkpoint import (Progress, carry_best_checkpoint, check_compatible, load_checkpoint,
                                       restore_rng_state, save_checkpoint, training_checkpoint)
 from balatro_train.config import CONFIG_DIR, check_config, typed_config
 from balatro_train.data import build_data, make_loaders
 from balatro_train.device import autocast, resolve_precision, start_process
-from balatro_train.run_log import epoch_row, finish, log_epoch, write_epoch, write_predictions
+from balatro_train.run_log import HParams, RunLog, TrainingProgress, epoch_row, log_epoch, write_predictions
 from balatro_train.errors import Interrupted, UserError
 from balatro_train.job import run_hydra_job
 from balatro_train.metrics import build_metrics
@@ -56,11 +53,14 @@ def main(cfg: DictConfig) -> float:
     return run_hydra_job(cfg, train)
 
 
-def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None, hparams: dict | None = None) -> float:
+def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None,
+          hparams: HParams | dict | None = None) -> float:
     """Train as `cfg` says, writing the run folder `out_dir`; returns the best combined validation loss.
 
     Needs no Hydra runtime: `cfg` is a composed config (the CLI's, or `hydra.compose(...)` in tests).
     Setting `stop` (the CLI sets it on Ctrl-C) ends the run at the next step with a resumable last.pt.
+    `hparams`: what TensorBoard's HPARAMS view shows of the run (job.py's, from Hydra; by default the
+    main numbers of `cfg`).
     """
     cfg, stop = typed_config(cfg), stop or threading.Event()
     check_config(cfg)
@@ -94,25 +94,27 @@ def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None, h
     def checkpoint() -> dict:
         return training_checkpoint(cfg, progress, model, optimizer, scheduler, scaler, data)
 
-    with SummaryWriter(out_dir / "tb") if process.is_main else contextlib.nullcontext() as writer:
+    with RunLog(out_dir, cfg, HParams.of(cfg, hparams), list(loss_fns), progress.history, process.is_main,
+                process.world) as run_log:
         for epoch in range(progress.epoch + 1, cfg.trainer.epochs + 1):
             started, lrs = time.perf_counter(), {group["name"]: group["lr"] for group in optimizer.param_groups}
             seen, loss_means = resume_epoch(progress, loss_fns, process.device)
             train_loader.sampler.set_epoch(epoch, start=seen)
             seen, loss_means = train_one_epoch(step_model, train_loader, optimizer, scaler, loss_fns, forward,
-                                               process.device, stop, seen, loss_means, f"epoch {epoch}/{cfg.trainer.epochs}")
+                                               process.device, stop, seen, loss_means,
+                                               progress=run_log.training_progress(epoch))
             if stop.is_set():
                 interrupt(progress, epoch, seen, loss_means, checkpoint, process, out_dir)
             train_seconds = time.perf_counter() - started
-            val_losses, results, predictions = validate(eval_model, val_loader, loss_fns, metrics, forward,
-                                                        process.device)
+            val_losses, results, predictions, confidences = validate(eval_model, val_loader, loss_fns, metrics, forward,
+                                                                     process.device, run_log.validation_bar(epoch))
             row = epoch_row(epoch, cfg.trainer.combine_losses, loss_means, val_losses, results, lrs,
                             time.perf_counter() - started, seen * process.world / train_seconds)
             check_finite(row, checkpoints)
             improved = progress.record(row)
             step_scheduler(scheduler, row["val_loss"])
             if process.is_main:
-                write_epoch(row, results, data, predictions, process.world, out_dir / "metrics.jsonl", writer)
+                run_log.epoch(row, results, data, predictions, confidences, improved)
                 if improved and process.world == 1:
                     write_predictions(out_dir / "val_predictions.json", data, predictions)
                 save_checkpoint(checkpoint(), [checkpoints / "last.pt"] + [checkpoints / "best.pt"] * improved
@@ -121,7 +123,7 @@ def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None, h
             if cfg.trainer.patience and progress.bad_epochs >= cfg.trainer.patience:
                 log.info("early stop: val_loss has not improved for %d epochs", progress.bad_epochs)
                 break
-        finish(progress, writer, hparams or {"seed": cfg.seed}, checkpoints, cfg.resume, process)
+        run_log.finish(progress, checkpoints, cfg.resume)
     return progress.best_val_loss
 
 
@@ -141,49 +143,53 @@ def training_step(model, images, targets, optimizer, scaler, loss_fns, forward) 
 
 
 def train_one_epoch(model, loader, optimizer, scaler, loss_fns, forward, device, stop, seen: int = 0,
-                    loss_means: dict[str, MeanMetric] | None = None, desc: str = "training"):
+                    loss_means: dict[str, MeanMetric] | None = None, desc: str = "training",
+                    progress: TrainingProgress | None = None):
     """Train on the loader's batches; returns (images seen this epoch, each task's MeanMetric of the
     training loss). Starts at image `seen` of the epoch with the means so far (after an interrupt)
-    and stops early once `stop` is set. Nothing is read back from the device per step."""
+    and stops early once `stop` is set. Losses stay on the device: `progress` (the bar, the step-level
+    loss in TensorBoard) reads them back only every trainer.log_every_n_steps steps."""
     model.train()
     keep_frozen_batchnorm_in_eval(model)
     loss_means = loss_means or new_loss_means(loss_fns, device)
-    done = seen // loader.batch_size
-    bar = tqdm(loader, desc=desc, leave=False, disable=None, initial=done, total=done + len(loader))
-    for step, (images, targets) in enumerate(bar):
+    progress = progress or TrainingProgress(desc)
+    for images, targets in progress.over(loader, seen):
         images = images.to(device, non_blocking=True)
         targets = {task: target.to(device, non_blocking=True) for task, target in targets.items()}
         losses = training_step(model, images, targets, optimizer, scaler, loss_fns, forward)
         for task, loss in losses.items():
             loss_means[task].update(loss.detach().expand(len(images)))  # one value per image: weighted mean
         seen += len(images)
-        if step % 25 == 0 and not bar.disable:
-            bar.set_postfix(loss=f"{sum(m.mean_value / m.weight for m in loss_means.values()).item():.4f}")
+        progress.after_step(loss_means, seen)
         if stop_everywhere(stop, device):
             break
     return seen, loss_means
 
 
 @torch.no_grad()
-def validate(model, loader, loss_fns, metrics, forward, device):
-    """One pass over the validation data gives every task's mean loss and metrics (both gathered from
-    every process by torchmetrics), and this process's predictions."""
+def validate(model, loader, loss_fns, metrics, forward, device, bar=iter):
+    """One pass over the validation data (through `bar`, which may draw one) gives every task's mean
+    loss and metrics (both gathered from every process by torchmetrics), and this process's
+    predictions with their probabilities."""
     model.eval()
     loss_means = new_loss_means(loss_fns, device)
-    predictions = {task: [] for task in loss_fns}
+    predictions, confidences = {task: [] for task in loss_fns}, {task: [] for task in loss_fns}
     for metric in metrics.values():
         metric.reset()
-    for images, targets in loader:
+    for images, targets in bar(loader):
         with forward():
             outputs = model(images.to(device, non_blocking=True))
         for task, fn in loss_fns.items():
             logits, target = outputs[task].float(), targets[task].to(device, non_blocking=True)
             loss_means[task].update(fn(logits, target).expand(len(images)))
             metrics[task].update(logits, target)
-            predictions[task].append(logits.argmax(dim=1))
+            predicted = logits.argmax(dim=1)
+            predictions[task].append(predicted)
+            confidences[task].append(logits.softmax(dim=1).gather(1, predicted[:, None])[:, 0])
     return ({task: mean.compute().item() for task, mean in loss_means.items()},
             {task: metric.compute() for task, metric in metrics.items()},
-            {task: torch.cat(p).cpu() for task, p in predictions.items()})
+            {task: torch.cat(p).cpu() for task, p in predictions.items()},
+            {task: torch.cat(p).cpu() for task, p in confidences.items()})
 
 
 def new_loss_means(loss_fns, device) -> dict[str, MeanMetric]:
