@@ -30,7 +30,7 @@ from balatro_train.errors import Interrupted
 from balatro_train.evaluate import evaluate
 from balatro_train.metrics import (MAX_FIGURE_CLASSES, confusion_counts, confusion_figure, confusion_summary,
                                    misclassified_grid)
-from balatro_train.run_log import bar_columns
+from balatro_train.progress import bar_columns
 from balatro_train.train import train
 from conftest import compose, read_metrics, run_cli, tiny_overrides, write_dataset
 

@@ -144,8 +144,8 @@ def markdown(report: dict, state: dict, mistakes: dict, max_rows: int) -> str:
                   "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {value:.4f} |" for name, value in scores.items()]
         lines += ["", f"![confusion matrix](confusion_{task}.png)", "",
-                  f"Per class (support, precision, recall, F1, what it is taken for), worst first: "
-                  f"[confusion_summary.md](confusion_summary.md)", "",
+                  "Per class (support, precision, recall, F1, what it is taken for), worst first: "
+                  "[confusion_summary.md](confusion_summary.md)", "",
                   f"### Misclassified: {len(mistakes[task])} of {report['num_images']}", ""]
         if mistakes[task]:
             lines += [f"![misclassified](misclassified_{task}.png)", "",

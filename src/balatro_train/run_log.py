@@ -1,5 +1,5 @@
 """What a run writes as it goes: each epoch's row of metrics.jsonl, its TensorBoard entries, its line in
-the log, the terminal's progress bars, and the run's summary at the end.
+the log, and the run's summary at the end (the terminal's progress bars are in progress.py).
 
 TensorBoard (`tb/`; a sweep job's in `tb/<its swept overrides>/`, e.g. `tb/optimizer=group,freeze=all/`)
 holds three runs, so that a training and a validation curve of the same tag share one chart:
@@ -18,14 +18,11 @@ two: `Loss` and `Top1`. The epoch is the x axis of every per-epoch tag.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +32,15 @@ from omegaconf import OmegaConf
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2, summary_v2
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from balatro_train.errors import Interrupted
+from balatro_train.progress import TrainingProgress, progress_bar
 from balatro_train.metrics import (confusion_counts, confusion_figure, confusion_summary, confusion_summary_csv,
                                    confusion_summary_markdown, misclassified_grid, scalars_and_matrices)
 
 log = logging.getLogger("balatro_train")
 COMBINE = {"max": max, "mean": lambda values: sum(values) / len(values), "sum": sum}  # trainer.combine_losses
 LOSS, TOP1, BEST = "Loss", "Top1", "Loss/combined_best"
-STEP_LOSS = "train_steps/loss"
 SUMMARY_ROWS_IN_TENSORBOARD = 40  # the worst classes of a task's confusion summary shown each epoch
 
 
@@ -301,86 +296,3 @@ def hparams_summary(tag: str, plugin_data):
     summary = summary_pb2.Summary()
     summary.value.add(tag=tag, metadata=metadata.create_summary_metadata(plugin_data), tensor=metadata.NULL_TENSOR)
     return summary
-
-
-# ---- progress bars ---------------------------------------------------------------------------------------
-
-BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
-
-
-def bar_columns(stream) -> int | None:
-    """The width to draw a bar at on `stream`; None where there is no usable terminal (a file, a pipe,
-    a batch job's output, TERM=dumb): then no bar and no output at all. A terminal that reports 0
-    columns (a pseudo-terminal whose size was never set) gets 80 rather than a bar with no bar."""
-    try:
-        if not stream.isatty() or os.environ.get("TERM") == "dumb":
-            return None
-    except (AttributeError, ValueError):  # no isatty, or closed
-        return None
-    try:
-        columns = os.get_terminal_size(stream.fileno()).columns
-    except (AttributeError, OSError, ValueError):
-        columns = 0
-    return columns - 1 if columns > 1 else 79
-
-
-@contextlib.contextmanager
-def bar_for(iterable, desc: str, show: bool = True, **kwargs):
-    """A tqdm bar on stderr where there is a terminal (else the iterable itself, and None). Log records
-    printed meanwhile go above the bar, never through it (the log file never sees the bar)."""
-    columns = bar_columns(sys.stderr) if show else None
-    if columns is None:
-        yield iterable, None
-        return
-    with logging_redirect_tqdm(), tqdm(iterable, desc=desc, leave=False, file=sys.stderr, ncols=columns,
-                                       bar_format=BAR_FORMAT, dynamic_ncols=False, **kwargs) as bar:
-        yield bar, bar
-
-
-def progress_bar(iterable, desc: str, show: bool = True):
-    with bar_for(iterable, desc, show) as (items, _):
-        yield from items
-
-
-@dataclass
-class TrainingProgress:
-    """One training epoch's bar and step-level loss. Every `every` optimizer steps, and at the epoch's
-    last, it reads the running loss sums back from the device once (a host sync): the bar shows the
-    running mean of the combined loss (the number the epoch line reports as train_loss) and images/s,
-    and TensorBoard gets the combined loss of the steps since the last read (train_steps/loss, at the
-    run's optimizer step). With no terminal and no writer (other processes) nothing is read back."""
-    desc: str = "training"
-    combine: Any = max
-    every: int = 20
-    epoch: int = 1
-    world: int = 1
-    writer: Any = None
-    show: bool = True
-    bar: Any = field(default=None, init=False)
-
-    def over(self, loader, seen: int = 0):
-        """Iterates the loader's batches, starting at image `seen` of the epoch (after an interrupt)."""
-        self.step = seen // loader.batch_size
-        self.total = self.step + len(loader)
-        self.started, self.seen_at_start, self.last = time.perf_counter(), seen, None
-        with bar_for(None, self.desc, self.show, initial=self.step, total=self.total) as (_, self.bar):
-            yield from loader
-
-    def after_step(self, loss_means: dict, seen: int) -> None:
-        self.step += 1
-        if self.bar is not None:
-            self.bar.update()  # drawn at tqdm's own pace (10 times a second at most)
-        if (self.bar is None and self.writer is None) or (self.step % self.every and self.step != self.total):
-            return
-        sums = torch.stack([torch.stack([m.mean_value, m.weight]) for m in loss_means.values()]).cpu()  # the sync
-        running = self.combine((sums[:, 0] / sums[:, 1]).tolist())  # as MeanMetric.compute, then epoch_row, do
-        sums = sums.double().numpy()
-        if self.writer is not None:
-            since = sums - (self.last if self.last is not None else np.zeros_like(sums))
-            if all(count > 0 for _, count in since):
-                self.writer.add_scalar(STEP_LOSS, self.combine([float(t / c) for t, c in since]),
-                                       (self.epoch - 1) * self.total + self.step)
-            self.last = sums
-        if self.bar is not None:
-            rate = (seen - self.seen_at_start) * self.world / max(time.perf_counter() - self.started, 1e-9)
-            self.bar.set_postfix_str(f"loss {running:.4f}, {rate:.0f} img/s", refresh=True)

@@ -33,7 +33,8 @@ from balatro_train.checkpoint import (Progress, carry_best_checkpoint, check_com
 from balatro_train.config import CONFIG_DIR, check_config, typed_config
 from balatro_train.data import build_data, make_loaders
 from balatro_train.device import autocast, resolve_precision, start_process
-from balatro_train.run_log import HParams, RunLog, TrainingProgress, epoch_row, log_epoch, write_predictions
+from balatro_train.progress import TrainingProgress
+from balatro_train.run_log import HParams, RunLog, epoch_row, log_epoch, write_predictions
 from balatro_train.errors import Interrupted, UserError
 from balatro_train.job import run_hydra_job
 from balatro_train.metrics import build_metrics
