@@ -17,7 +17,7 @@ import torch
 
 from omegaconf import OmegaConf
 
-from balatro_train.checkpoint import load_checkpoint
+from balatro_train.checkpoint import FORMAT, load_checkpoint
 from balatro_train.data import build_data, read_labels, split_samples
 from balatro_train.errors import Interrupted, UserError
 from balatro_train.job import threads_for_this_process
@@ -165,7 +165,7 @@ def test_malicious_checkpoint_is_refused_without_running_its_code(dataset, tmp_p
             return (os.system, (f"touch {marker}",))
 
     evil = tmp_path / "evil.pt"
-    torch.save({"format": "balatro-train/1", "model": Exploit()}, evil)
+    torch.save({"format": FORMAT, "model": Exploit()}, evil)
     result = run_cli([*tiny_overrides(data, root), f"resume={evil}"], cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert "refused" in result.stdout and "Traceback" not in result.stdout + result.stderr
@@ -411,7 +411,7 @@ def truncated_checkpoint() -> bytes:
     import io
 
     buffer = io.BytesIO()
-    torch.save({"format": "balatro-train/1", "model": {"w": torch.zeros(1000)}}, buffer)
+    torch.save({"format": FORMAT, "model": {"w": torch.zeros(1000)}}, buffer)
     return buffer.getvalue()[:2000]
 
 
@@ -437,3 +437,10 @@ def test_processes_side_by_side_share_the_cores(monkeypatch):
     assert threads_for_this_process(1) == 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert threads_for_this_process(-1) == 1  # joblib n_jobs=-1: one job per core
+
+
+def test_a_checkpoint_of_the_older_format_says_so(tmp_path):
+    """Format 1 models took images their pipeline had normalised; today's normalise their uint8 input."""
+    torch.save({"format": "balatro-train/1", "model": {}}, tmp_path / "old.pt")
+    with pytest.raises(UserError, match=r"written by an older balatro-train \(format 1.*retrain it"):
+        load_checkpoint(tmp_path / "old.pt", "checkpoint")

@@ -28,7 +28,9 @@ from balatro_train.errors import UserError
 from balatro_train.model import build_model
 from balatro_train.preprocessing import Preprocessing
 
-FORMAT = "balatro-train/1"
+# 2: the model normalises its uint8 input itself (model.ImageInput); format 1 models expected their
+# validation pipeline to normalise, so they cannot be used the new way.
+FORMAT = "balatro-train/2"
 log = logging.getLogger("balatro_train")
 
 
@@ -123,6 +125,9 @@ def load_checkpoint(path: str | Path, key: str = "resume") -> dict:
     except Exception as e:  # noqa: BLE001  (truncated zip, random bytes, text: torch raises many kinds)
         raise UserError(f"{key}={path}: damaged or not a checkpoint, truncated or corrupt ({type(e).__name__}); "
                         f"use another file, e.g. an epoch_NNN.pt beside it") from None
+    if isinstance(state, dict) and state.get("format") == "balatro-train/1":
+        raise UserError(f"{key}={path}: written by an older balatro-train (format 1, whose models took images "
+                        f"normalised by the pipeline); retrain it with this version")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{key}={path}: not a balatro-train checkpoint (no '{FORMAT}' format tag)")
     return state
