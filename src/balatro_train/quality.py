@@ -16,7 +16,6 @@ By hand, for a sweep folder (e.g. one stopped early): python -m balatro_train.qu
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -30,7 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from balatro_train.data import read_labels
-from balatro_train.sweep import job_dirs, read_metrics
+from balatro_train.sweep import for_each_sweep_dir, job_dirs, read_metrics
 
 log = logging.getLogger("balatro_train.quality")
 BUCKETS = (("1", 1, 1), ("2-4", 2, 4), ("5+", 5, math.inf))  # training screenshots of the card
@@ -131,16 +130,8 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m balatro_train.quality",
-                                     description="Write quality.md and quality.json of benchmark sweeps.")
-    parser.add_argument("sweep_dirs", nargs="+", type=Path, metavar="SWEEP_DIR")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for sweep_dir in args.sweep_dirs:
-        if not sweep_dir.is_dir():
-            parser.error(f"{sweep_dir} is not a folder")
-        write_report(sweep_dir)
-
+    for_each_sweep_dir("python -m balatro_train.quality", "Write quality.md and quality.json of benchmark sweeps.",
+                       write_report, argv)
 
 if __name__ == "__main__":
     main()

@@ -290,9 +290,9 @@ def number(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4g}"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m balatro_train.sweep",
-                                     description="Write summary.csv and summary.md of sweep folders.")
+def for_each_sweep_dir(prog: str, description: str, write, argv: list[str] | None = None) -> None:
+    """The command line of a report written from sweep folders (this summary, quality.py's report)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("sweep_dirs", nargs="+", type=Path, metavar="SWEEP_DIR",
                         help="a sweep's folder, e.g. outputs/multirun/<date>/<time>")
     args = parser.parse_args(argv)
@@ -300,8 +300,12 @@ def main(argv: list[str] | None = None) -> None:
     for sweep_dir in args.sweep_dirs:
         if not sweep_dir.is_dir():
             parser.error(f"{sweep_dir} is not a folder")
-        write_summary(sweep_dir)
+        write(sweep_dir)
 
+
+def main(argv: list[str] | None = None) -> None:
+    for_each_sweep_dir("python -m balatro_train.sweep", "Write summary.csv and summary.md of sweep folders.",
+                       write_summary, argv)
 
 if __name__ == "__main__":
     main()
