@@ -18,7 +18,8 @@ import torch
 from omegaconf import OmegaConf
 
 from balatro_train.checkpoint import FORMAT, load_checkpoint
-from balatro_train.data import build_data, read_labels, split_samples
+from balatro_train.data import build_data, split_samples
+from balatro_train.labels import read_labels
 from balatro_train.errors import Interrupted, UserError
 from balatro_train.job import threads_for_this_process
 from balatro_train.train import train

@@ -59,12 +59,18 @@ class Progress:
         return improved
 
 
-def training_checkpoint(cfg, progress: Progress, model: nn.Module, optimizer, scheduler, scaler, data) -> dict:
+def training_checkpoint(cfg, progress: Progress, model: nn.Module, optimizer, scheduler, scaler, data,
+                        averaged=None) -> dict:
     """Everything a checkpoint holds: enough to resume the run exactly, and to use the model
-    (its config, class names, task fields and preprocessing) without the run's config files."""
+    (its config, class names, task fields and preprocessing) without the run's config files.
+    `model` holds the weights that were validated: the EMA where the run keeps one
+    (trainer.ema_decay), whose training weights are then `training_weights`, to resume from."""
     return {"format": FORMAT, "epoch": progress.epoch, "partial_epoch": progress.partial_epoch,
             "best_val_loss": progress.best_val_loss, "bad_epochs": progress.bad_epochs, "history": progress.history,
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "model": (averaged.module if averaged else model).state_dict(),
+            "training_weights": model.state_dict() if averaged else None,
+            "averaged_steps": int(averaged.n_averaged) if averaged else 0,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng_state(),
             "class_names": data.class_names, "fields": {task: t.field for task, t in cfg.tasks.items()},
             "split": data.split, "pretrained_loaded": model.pretrained_loaded,
@@ -73,7 +79,7 @@ def training_checkpoint(cfg, progress: Progress, model: nn.Module, optimizer, sc
 
 def model_from_checkpoint(state: dict) -> nn.Module:
     """The checkpoint's model, rebuilt from its own `model` config with its weights, in eval mode."""
-    return build_model(state["config"]["model"], state["class_names"], state["model"], pretrained=False).eval()
+    return build_model(state["config"]["model"], state["class_names"], state["model"]).eval()
 
 
 def preprocessing_of(state: dict) -> Preprocessing:
@@ -133,34 +139,15 @@ def load_checkpoint(path: str | Path, key: str = "resume") -> dict:
     return state
 
 
-def carry_best_checkpoint(resumed: dict, resumed_from: Path, checkpoints: Path) -> None:
-    """A resumed run starts its folder with the best model so far, found beside the checkpoint it
-    resumes from, so that it has a best.pt even when no later epoch beats it."""
-    if not resumed["history"]:
-        return
-    best_epoch = min(resumed["history"], key=lambda r: r["val_loss"])["epoch"]
-    for candidate in (resumed_from.parent / "best.pt", resumed_from.parent / f"epoch_{best_epoch:03d}.pt",
-                      resumed_from):
-        if not candidate.is_file():
-            continue
-        state = resumed if candidate == resumed_from else load_checkpoint(candidate, "resume")
-        if (state["epoch"], state["partial_epoch"], state["best_val_loss"]) == (best_epoch, None,
-                                                                              resumed["best_val_loss"]):
-            copy_file_atomically(candidate, checkpoints / "best.pt")
-            log.info("best model so far (epoch %d) copied from %s", best_epoch, candidate)
-            return
-    log.warning("the best model so far (epoch %d) is not beside %s; best.pt will be written when an epoch of "
-                "this run improves on it", best_epoch, resumed_from)
-
-
 def check_compatible(checkpoint: dict, cfg, key: str) -> None:
     """A checkpoint whose weights start this run (resume, init_from) has its tasks and its model."""
     fields = {task: t.field for task, t in cfg.tasks.items()}
     if checkpoint["fields"] != fields:
         raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint was trained for tasks {checkpoint['fields']}, "
                         f"this run has {fields}; pick the same task=...")
-    saved_model = {k: v for k, v in checkpoint["config"]["model"].items() if k != "pretrained"}
-    this_model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "pretrained"}
+    initial = ("pretrained", "weights")  # where the first weights came from: the checkpoint's replace them
+    saved_model = {k: v for k, v in checkpoint["config"]["model"].items() if k not in initial}
+    this_model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in initial}
     if saved_model != this_model:
         raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint holds a {saved_model} model, this run asks "
                         f"for {this_model}; pick the same model=... (and model.* keys)")

@@ -50,6 +50,7 @@ class TrainerConfig:
     combine_losses: str = "max"
     channels_last: bool = True
     compile: bool = False
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -58,6 +59,7 @@ class TaskConfig:
     train_transforms: str = "train"
     val_transforms: str = "val"
     class_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+    label_smoothing: float = 0.0
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # `field` is taken above
 
 

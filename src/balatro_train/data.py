@@ -1,4 +1,5 @@
-"""Reading the annotation tool's files, the stratified split, the datasets and their loaders.
+"""The run's data from the annotation tool's files (balatro_train/labels.py): the images decoded once, the
+stratified split, the datasets and their loaders.
 
 Images are decoded, composited on the background colour and resized to `data.image_size`
 once, up front (balatro_train/preprocessing.py); epochs then only augment small uint8 arrays,
@@ -7,84 +8,21 @@ and batches stay uint8 (N, H, W, 3) all the way to the device.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from balatro_train.errors import UserError
+from balatro_train.labels import Sample, check_fields, check_unique_files, class_names_of, read_labels
 from balatro_train.preprocessing import Preprocessing, load_image
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Sample:
-    file: str                  # the key in its labels file, unique within the dataset
-    path: Path                 # the image on disk
-    meta: dict                 # the labels entry: name, type, rarity, modifier, ...
-    parent: str | None = None  # for an augmented image, the original's file name
-    source: str = ""           # the labels file that lists it
-
-
-def read_labels(labels_file: str | Path, root: str | Path, augmented: bool = False) -> list[Sample]:
-    """Read a labels.json (or augmented.json) exactly as the annotation tool writes it."""
-    labels_file = Path(labels_file)
-    if not labels_file.is_file():
-        raise UserError(f"{labels_file}: labels file not found; set dataset.labels_file "
-                        f"(or dataset.augmented_labels_files) to an existing file")
-    try:
-        entries = json.loads(labels_file.read_text(encoding="utf-8"), object_pairs_hook=refuse_duplicate_keys)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{labels_file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-    except DuplicateKey as e:
-        raise UserError(f"{labels_file}: {e.args[0]!r} is listed twice; keep one entry per image file") from None
-    if not isinstance(entries, dict):
-        raise UserError(f"{labels_file}: expected a JSON object mapping image file names to labels, "
-                        f"found a {type(entries).__name__}")
-    samples = []
-    for file, meta in entries.items():
-        if not isinstance(meta, dict):
-            raise UserError(f"{labels_file}: entry {file!r} is not an object of labels")
-        parent = meta.get("parent") if augmented else None
-        if augmented and not parent:
-            raise UserError(f"{labels_file}: augmented entry {file!r} has no 'parent'")
-        samples.append(Sample(file, resolve_image_path(file, meta, labels_file, Path(root)), meta, parent,
-                              str(labels_file)))
-    return samples
-
-
-class DuplicateKey(ValueError):
-    pass
-
-
-def refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    """json.loads keeps the last of two equal keys without a word: one image's labels would vanish."""
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise DuplicateKey(key)
-        seen[key] = value
-    return seen
-
-
-def resolve_image_path(file: str, meta: dict, labels_file: Path, root: Path) -> Path:
-    """`full_path` (absolute, or relative to `root`) where that file exists; failing that, the file
-    beside the labels file (a set copied from another machine keeps its images beside its labels)."""
-    full_path = meta.get("full_path")
-    if full_path:
-        candidate = Path(full_path) if Path(full_path).is_absolute() else root / full_path
-        if candidate.is_file():
-            return candidate
-    beside = labels_file.parent / file
-    return beside if beside.is_file() or not full_path else candidate
 
 
 def load_images(samples: list[Sample], size: int, background) -> tuple[np.ndarray, dict[str, str]]:
@@ -138,29 +76,6 @@ def split_samples(originals: list[Sample], augmented: list[Sample], field: str, 
     train = [s.file for s in originals if s.file not in val]
     train += [s.file for s in augmented if s.parent not in val]
     return train, [s.file for s in originals if s.file in val]
-
-
-def check_unique_files(samples: list[Sample]) -> None:
-    """File names key the split and augmented parents, so one name may label one image only: an
-    augmented copy named like an original would silently take its place."""
-    where: dict[str, str] = {}
-    for sample in samples:
-        if sample.file in where:
-            raise UserError(f"{sample.file!r} is listed in both {where[sample.file]} and {sample.source}; "
-                            f"file names must be unique across the labels files: rename one of the images")
-        where[sample.file] = sample.source
-
-
-def check_fields(samples: list[Sample], tasks: dict, labels_files: list[str]) -> None:
-    for sample in samples:
-        for task_name, task in tasks.items():
-            if task.field not in sample.meta:
-                raise UserError(f"entry {sample.file!r} (from {', '.join(labels_files)}) has no "
-                                f"{task.field!r} field, needed by task {task_name!r}")
-
-
-def class_names_of(samples: list[Sample], field: str) -> list[str]:
-    return sorted({str(sample.meta[field]) for sample in samples})
 
 
 class CardDataset(Dataset):
@@ -326,8 +241,11 @@ def make_loaders(cfg, data: Data, device: torch.device, rank: int = 0, world: in
         workers = 0 if threads <= 2 else min(8, threads // 2)
     workers = int(workers)
     weights = balanced_weights(data.train_labels) if cfg.data.weighted_sampler else None
+    # Their own generator: a DataLoader draws a seed for every new iterator, and drawing it from torch's
+    # global RNG would shift what the model's Dropout draws after a resume mid-epoch (the sampler and
+    # the per-image seeds carry the data's randomness; workers need none of their own).
     common = dict(batch_size=cfg.trainer.batch_size // world, num_workers=workers, persistent_workers=workers > 0,
-                  pin_memory=device.type == "cuda")
+                  pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     # A last batch of one image would stop BatchNorm ("expected more than 1 value per channel"): drop it.
     lonely_last = math.ceil(len(data.train) / world) % common["batch_size"] == 1
     train_loader = DataLoader(data.train, sampler=EpochSampler(len(data.train), cfg.seed, weights, rank, world),

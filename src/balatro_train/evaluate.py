@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from balatro_train.checkpoint import load_checkpoint
-from balatro_train.data import check_fields, load_images, read_labels
+from balatro_train.data import load_images
+from balatro_train.labels import check_fields, read_labels
 from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
 from balatro_train.metrics import (TILE, build_metrics, confusion_figure, confusion_summary, misclassified_grid,

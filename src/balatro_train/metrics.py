@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from PIL import Image, ImageDraw, ImageFont
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 
 from balatro_train.errors import UserError
 
@@ -208,3 +208,8 @@ def fit(text: str, font, width: int = TILE - 4) -> str:
     while text and font.getlength(text + "…") > width:
         text = text[:-1]
     return text + "…"
+
+
+def new_loss_means(loss_fns, device) -> dict[str, MeanMetric]:
+    # "disable": no NaN check, which would read the loss back every step; a NaN still shows in the mean.
+    return {task: MeanMetric(nan_strategy="disable").to(device) for task in loss_fns}

@@ -4,7 +4,9 @@ from a config or a checkpoint; the freeze strategies and the optimizer's paramet
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
+from pathlib import Path
 
 import torch
 import torchvision
@@ -43,11 +45,14 @@ class CardNet(nn.Module):
     forward returns {task: logits}."""
 
     def __init__(self, backbone: str, num_classes: dict[str, int], pretrained: bool = True,
-                 mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD):
+                 weights: str | None = None, mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD):
         super().__init__()
         self.backbone_name = backbone
         self.input = ImageInput(mean, std)
-        self.backbone, self.pretrained_loaded = _load_backbone(backbone, pretrained)
+        if weights:  # a local file: for machines that cannot download, but have the file
+            self.backbone, self.pretrained_loaded = _backbone_from_file(backbone, weights), True
+        else:
+            self.backbone, self.pretrained_loaded = _load_backbone(backbone, pretrained)
         features = _drop_classifier(self.backbone, backbone)
         self.heads = nn.ModuleDict({task: nn.Linear(features, n) for task, n in num_classes.items()})
 
@@ -86,6 +91,31 @@ def _load_backbone(name: str, pretrained: bool) -> tuple[nn.Module, bool]:
     return torchvision.models.get_model(name, weights=None), False
 
 
+def _backbone_from_file(name: str, path: str) -> nn.Module:
+    """torchvision's `name` with the state dict saved in `path` (e.g. torchvision's own download,
+    resnet18-f37072fd.pth), read with the safe loader: a file that holds code is refused."""
+    model = _load_backbone(name, pretrained=False)[0]
+    if not Path(path).is_file():
+        raise UserError(f"model.weights={path}: no such file; give the path of a {name} state dict "
+                        f"(e.g. torchvision's download of its ImageNet weights)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (a pickled object, a damaged file: torch raises many kinds)
+        why = "it holds Python objects besides tensors" if isinstance(e, pickle.UnpicklingError) else type(e).__name__
+        raise UserError(f"model.weights={path}: not a state dict of torchvision's {name} ({why})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    expected = model.state_dict()
+    if not isinstance(state, dict) or state.keys() != expected.keys() or any(
+            not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape for k, v in expected.items()):
+        keys = set(state) if isinstance(state, dict) else set()
+        raise UserError(f"model.weights={path}: not a state dict of torchvision's {name} ({len(expected.keys() - keys)} "
+                        f"of its {len(expected)} tensors missing, {len(keys - expected.keys())} unknown, or of other "
+                        f"shapes); is it the file of another model=...?")
+    model.load_state_dict(state)
+    log.info("%s weights loaded from %s", name, path)
+    return model
+
+
 def _drop_classifier(model: nn.Module, name: str) -> int:
     """Replace the model's last nn.Linear (its ImageNet classifier) by Identity; return its width."""
     linears = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -96,13 +126,15 @@ def _drop_classifier(model: nn.Module, name: str) -> int:
     return last.in_features
 
 
-def build_model(model_cfg, class_names: dict[str, list[str]], weights: dict | None = None, **overrides) -> nn.Module:
-    """The model a `model` config describes, with one head per task of `class_names`; with `weights`
-    (a state dict), those weights. Training, resume, init_from, inference and export all build it here."""
-    model = instantiate(model_cfg, num_classes={task: len(names) for task, names in class_names.items()},
-                        **overrides)
-    if weights is not None:
-        model.load_state_dict(weights)
+def build_model(model_cfg, class_names: dict[str, list[str]], state_dict: dict | None = None) -> nn.Module:
+    """The model a `model` config describes, with one head per task of `class_names`; with
+    `state_dict` (a checkpoint's), those weights, and then the config's initial weights
+    (model.pretrained, model.weights) are neither downloaded nor read. Training, resume, init_from,
+    inference and export all build it here."""
+    initial = {} if state_dict is None else {"pretrained": False, "weights": None}
+    model = instantiate(model_cfg, num_classes={task: len(names) for task, names in class_names.items()}, **initial)
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
     return model.use_channels_last()
 
 

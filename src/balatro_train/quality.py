@@ -28,7 +28,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from balatro_train.data import read_labels
+from balatro_train.labels import read_labels
 from balatro_train.sweep import for_each_sweep_dir, job_dirs, read_metrics
 
 log = logging.getLogger("balatro_train.quality")

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import random
-import shlex
 import threading
 import time
 import warnings
@@ -28,17 +27,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
-from balatro_train.checkpoint import (Progress, carry_best_checkpoint, check_compatible, load_checkpoint,
-                                      restore_rng_state, save_checkpoint, training_checkpoint)
+from balatro_train.checkpoint import Progress, check_compatible, load_checkpoint, save_checkpoint, training_checkpoint
 from balatro_train.config import CONFIG_DIR, check_config, typed_config
 from balatro_train.data import build_data, make_loaders
 from balatro_train.device import autocast, resolve_precision, start_process
 from balatro_train.progress import TrainingProgress
 from balatro_train.run_log import HParams, RunLog, epoch_row, log_epoch, write_predictions
-from balatro_train.errors import Interrupted, UserError
+from balatro_train.errors import UserError
 from balatro_train.job import run_hydra_job
-from balatro_train.metrics import build_metrics
+from balatro_train.metrics import build_metrics, new_loss_means
 from balatro_train.model import build_model, keep_frozen_batchnorm_in_eval
+from balatro_train.optim import step_scheduler, weight_average
+from balatro_train.resume import carry_best_checkpoint, interrupt, restore, resume_epoch
 
 log = logging.getLogger("balatro_train")
 # conf/hydra/launcher/{joblib,submitit_slurm}.yaml complete the plugins' configs of the same name
@@ -71,14 +71,16 @@ def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None,
     source = resumed or (load_checkpoint(cfg.init_from, "init_from") if cfg.init_from else None)
     data = read_data(cfg, source, resumed, out_dir, process)
 
-    model = start_model(cfg, data.class_names, source).to(process.device)
-    step_model, eval_model = for_steps(model, cfg.trainer.compile, process.world)
+    model = start_model(cfg, data.class_names, source, resumed).to(process.device)
+    averaged = weight_average(model, cfg.trainer.ema_decay, resumed)  # None unless trainer.ema_decay
+    step_model, eval_model = for_steps(model, cfg.trainer.compile, process.world, averaged)
     optimizer = instantiate(cfg.optimizer)(model)
     scheduler = instantiate(cfg.scheduler)(optimizer)
     amp_dtype = resolve_precision(cfg.trainer.precision, process.device)
     scaler = torch.amp.GradScaler(process.device.type, enabled=amp_dtype == torch.float16)
     forward = autocast(process.device, amp_dtype)
-    loss_fns = {task: nn.CrossEntropyLoss(weight=class_weights(task, cfg.tasks[task], names)).to(process.device)
+    loss_fns = {task: nn.CrossEntropyLoss(weight=class_weights(task, cfg.tasks[task], names),
+                                          label_smoothing=cfg.tasks[task].label_smoothing).to(process.device)
                 for task, names in data.class_names.items()}
     metrics = {task: build_metrics(task, cfg.tasks[task].metrics, len(names)).to(process.device)
                for task, names in data.class_names.items()}
@@ -93,7 +95,7 @@ def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None,
              str(amp_dtype or torch.float32).replace("torch.", ""), out_dir)
 
     def checkpoint() -> dict:
-        return training_checkpoint(cfg, progress, model, optimizer, scheduler, scaler, data)
+        return training_checkpoint(cfg, progress, model, optimizer, scheduler, scaler, data, averaged)
 
     with RunLog(out_dir, cfg, HParams.of(cfg, hparams), list(loss_fns), progress.history, process.is_main,
                 process.world) as run_log:
@@ -102,7 +104,7 @@ def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None,
             seen, loss_means = resume_epoch(progress, loss_fns, process.device)
             train_loader.sampler.set_epoch(epoch, start=seen)
             seen, loss_means = train_one_epoch(step_model, train_loader, optimizer, scaler, loss_fns, forward,
-                                               process.device, stop, seen, loss_means,
+                                               process.device, stop, seen, loss_means, averaged,
                                                progress=run_log.training_progress(epoch))
             if stop.is_set():
                 interrupt(progress, epoch, seen, loss_means, checkpoint, process, out_dir)
@@ -144,11 +146,11 @@ def training_step(model, images, targets, optimizer, scaler, loss_fns, forward) 
 
 
 def train_one_epoch(model, loader, optimizer, scaler, loss_fns, forward, device, stop, seen: int = 0,
-                    loss_means: dict[str, MeanMetric] | None = None, desc: str = "training",
+                    loss_means: dict[str, MeanMetric] | None = None, averaged=None, desc: str = "training",
                     progress: TrainingProgress | None = None):
     """Train on the loader's batches; returns (images seen this epoch, each task's MeanMetric of the
     training loss). Starts at image `seen` of the epoch with the means so far (after an interrupt)
-    and stops early once `stop` is set. Losses stay on the device: `progress` (the bar, the step-level
+    and stops early once `stop` is set. `averaged` (an EMA of the weights) follows every step. Losses stay on the device: `progress` (the bar, the step-level
     loss in TensorBoard) reads them back only every trainer.log_every_n_steps steps."""
     model.train()
     keep_frozen_batchnorm_in_eval(model)
@@ -158,6 +160,8 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fns, forward, device,
         images = images.to(device, non_blocking=True)
         targets = {task: target.to(device, non_blocking=True) for task, target in targets.items()}
         losses = training_step(model, images, targets, optimizer, scaler, loss_fns, forward)
+        if averaged is not None:
+            averaged.update_parameters(model)
         for task, loss in losses.items():
             loss_means[task].update(loss.detach().expand(len(images)))  # one value per image: weighted mean
         seen += len(images)
@@ -193,11 +197,6 @@ def validate(model, loader, loss_fns, metrics, forward, device, bar=iter):
             {task: torch.cat(p).cpu() for task, p in confidences.items()})
 
 
-def new_loss_means(loss_fns, device) -> dict[str, MeanMetric]:
-    # "disable": no NaN check, which would read the loss back every step; a NaN still shows in the mean.
-    return {task: MeanMetric(nan_strategy="disable").to(device) for task in loss_fns}
-
-
 # ---- set-up, and what the loop does besides the steps ------------------------------------------------
 
 def read_data(cfg, source: dict | None, resumed: dict | None, out_dir: Path, process) -> object:
@@ -221,66 +220,29 @@ def read_data(cfg, source: dict | None, resumed: dict | None, out_dir: Path, pro
     return data
 
 
-def start_model(cfg, class_names: dict[str, list[str]], source: dict | None) -> nn.Module:
+def start_model(cfg, class_names: dict[str, list[str]], source: dict | None, resumed: dict | None = None) -> nn.Module:
     """The configured model with its freeze strategy; from a checkpoint's weights (resume,
     init_from), rebuilt from that checkpoint's own model config, which check_compatible has
-    compared with this run's."""
+    compared with this run's. A checkpoint's `model` is its EMA where the run kept one; a resumed
+    run goes on from the weights it was training."""
     if source is None:
         model = build_model(cfg.model, class_names)
     else:
-        model = build_model(source["config"]["model"], class_names, source["model"], pretrained=False)
+        weights = (resumed or {}).get("training_weights") or source["model"]
+        model = build_model(source["config"]["model"], class_names, weights)
         model.pretrained_loaded = source["pretrained_loaded"]
     model.use_channels_last(cfg.trainer.channels_last)
     instantiate(cfg.freeze)(model)
     return model
 
 
-def for_steps(model: nn.Module, compile_model: bool, world: int) -> tuple[nn.Module, nn.Module]:
+def for_steps(model: nn.Module, compile_model: bool, world: int, averaged=None) -> tuple[nn.Module, nn.Module]:
     """(the model the training steps call, the one validation calls). torch.compile and DDP wrap the
     same parameters, so checkpoints keep the plain model's keys; validation shards are uneven, so
-    under DDP it runs on the unwrapped model (DDP's forward would wait for the other processes)."""
+    under DDP it runs on the unwrapped model (DDP's forward would wait for the other processes).
+    With an EMA of the weights, validation runs on the average."""
     compiled = torch.compile(model) if compile_model else model
-    return (DistributedDataParallel(compiled) if world > 1 else compiled), compiled
-
-
-def restore(resumed: dict, optimizer, scheduler, scaler, path) -> Progress:
-    optimizer.load_state_dict(resumed["optimizer"])
-    scheduler.load_state_dict(resumed["scheduler"])
-    scaler.load_state_dict(resumed["scaler"])
-    restore_rng_state(resumed["rng"])
-    progress = Progress.of(resumed)
-    partial = progress.partial_epoch
-    log.info("resuming from %s at epoch %d%s", path, progress.epoch + 1,
-             f", image {partial['seen']}" if partial else "")
-    return progress
-
-
-def resume_epoch(progress: Progress, loss_fns, device) -> tuple[int, dict[str, MeanMetric]]:
-    """Where an epoch starts: image 0 with empty means, or where an interrupt stopped it. The saved
-    sums are every process's, so only the first process starts from them."""
-    loss_means = new_loss_means(loss_fns, device)
-    partial, progress.partial_epoch = progress.partial_epoch, None
-    if partial is None:
-        return 0, loss_means
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        for task, (total, count) in partial["loss_sums"].items():
-            loss_means[task].mean_value, loss_means[task].weight = total.to(device), count.to(device)
-    return partial["seen"], loss_means
-
-
-def interrupt(progress: Progress, epoch: int, seen: int, loss_means, checkpoint, process, out_dir: Path):
-    """Save the interrupted epoch as last.pt (with every process's loss sums) and stop the run."""
-    sums = {task: torch.stack([mean.mean_value, mean.weight]) for task, mean in loss_means.items()}
-    if process.world > 1:
-        for total in sums.values():
-            dist.all_reduce(total)
-    progress.partial_epoch = {"seen": seen, "loss_sums": {task: list(total.cpu()) for task, total in sums.items()}}
-    last = out_dir / "checkpoints" / "last.pt"
-    if process.is_main:
-        save_checkpoint(checkpoint(), [last])
-    command = shlex.join(["python", "-m", "balatro_train", "--config-dir", str(out_dir / ".hydra"),
-                          "--config-name", "config", f"resume={last}"])
-    raise Interrupted(f"interrupted in epoch {epoch} after {seen} images; to resume: {command}")
+    return (DistributedDataParallel(compiled) if world > 1 else compiled), (averaged.module if averaged else compiled)
 
 
 def check_finite(row: dict, checkpoints: Path) -> None:
@@ -289,17 +251,6 @@ def check_finite(row: dict, checkpoints: Path) -> None:
                         "lower the learning rate (optimizer.lr) or use trainer.precision=32. "
                         + (f"The last good checkpoint is {checkpoints / 'last.pt'}" if row["epoch"] > 1
                            else "No checkpoint was written."))
-
-
-def step_scheduler(scheduler, val_loss: float) -> None:
-    with warnings.catch_warnings():
-        # A run resumed from an interrupt after an epoch's last step has no step left in that epoch, so
-        # its scheduler steps with no optimizer step in between: exactly what the uninterrupted run did.
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val_loss)
-        else:
-            scheduler.step()
 
 
 def stop_everywhere(stop: threading.Event, device: torch.device) -> bool:

@@ -1,0 +1,138 @@
+"""The recipe's ingredients, each a config key: the warmup-then-cosine schedule, label smoothing, the
+EMA of the weights (validated and saved as the model, resumed exactly) and a local weights file."""
+
+from __future__ import annotations
+
+import math
+import pickle
+
+import pytest
+import torch
+import torchvision
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint
+from balatro_train.data import build_data
+from balatro_train.errors import Interrupted, UserError, user_error_in
+from balatro_train.model import build_model
+from balatro_train.train import train
+from conftest import compose, read_metrics, validation_outputs
+from test_robustness import StopAfterSteps
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training beside another xdist worker
+
+SMALL = "model.backbone=mobilenet_v3_small"
+CLASSES = {"identification": ["a", "b", "c"], "modifier": ["Base", "Foil"]}
+
+
+def test_warmup_rises_linearly_then_cosine_decays_to_eta_min():
+    cfg = compose(["scheduler=warmup_cosine", "trainer.epochs=10", "scheduler.warmup_epochs=2",
+                   "scheduler.eta_min=0", "optimizer.lr=1.0"])
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.optimizer.lr)
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    lrs = []
+    for _ in range(cfg.trainer.epochs):  # the lr each epoch trains with, stepped after it as the loop does
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([0.1, 0.55, 1.0])
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]  # 8 epochs after the warmup
+    assert lrs[2:] == pytest.approx(cosine)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # reached by the end
+
+
+def test_the_validation_loss_is_label_smoothed_as_configured(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("trainer.epochs=1", "publish_to=null", "tasks.identification.label_smoothing=0.3")
+    train(cfg, tmp_path / "run")
+    [row] = read_metrics(tmp_path / "run")
+    logits, targets = validation_outputs(tmp_path / "run/checkpoints/last.pt")
+    smoothed = nn.functional.cross_entropy(logits["identification"], targets["identification"], label_smoothing=0.3)
+    plain = nn.functional.cross_entropy(logits["identification"], targets["identification"])
+    assert abs(smoothed - plain) > 1e-3
+    assert row["identification/val_loss"] == pytest.approx(smoothed.item(), rel=1e-4)
+    assert row["modifier/val_loss"] == pytest.approx(  # the other task keeps its own (none)
+        nn.functional.cross_entropy(logits["modifier"], targets["modifier"]).item(), rel=1e-4)
+
+
+def test_with_an_ema_the_average_is_validated_and_saved_and_training_goes_on_from_the_raw_weights(
+        tiny_cfg, tmp_path):
+    cfg = tiny_cfg("trainer.epochs=2", "publish_to=null", "trainer.ema_decay=0.9", SMALL)
+    train(cfg, tmp_path / "run")
+    last = tmp_path / "run/checkpoints/last.pt"
+    state = load_checkpoint(last)
+    ema, raw = state["model"], state["training_weights"]
+    assert state["averaged_steps"] == 2 * math.ceil(len(state["split"]["train"]) / cfg.trainer.batch_size)
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema if ema[k].is_floating_point())
+    # The logged validation loss is the saved model's (the average's), not the raw weights'.
+    logits, targets = validation_outputs(last)
+    row = read_metrics(tmp_path / "run")[-1]
+    assert row["identification/val_loss"] == pytest.approx(
+        nn.functional.cross_entropy(logits["identification"], targets["identification"]).item(), rel=1e-4)
+    raw_model = build_model(state["config"]["model"], state["class_names"], raw).eval()
+    with torch.no_grad():
+        raw_logits = raw_model(torch.stack(val_images(last)))
+    assert not torch.allclose(raw_logits["identification"], logits["identification"], atol=1e-4)
+
+
+def val_images(checkpoint) -> list[torch.Tensor]:
+    state = load_checkpoint(checkpoint)
+    data = build_data(OmegaConf.create(state["config"]), state["class_names"], state["split"])
+    return [data.val[i][0] for i in range(len(data.val))]
+
+
+def test_an_ema_run_interrupted_and_resumed_ends_bit_identical(tiny_cfg, tmp_path):
+    """With a Dropout in the model (MobileNetV3), so that a resume that shifts torch's RNG shows."""
+    cfg = tiny_cfg("trainer.epochs=2", "publish_to=null", "trainer.ema_decay=0.8", "trainer.batch_size=4", SMALL)
+    train(cfg.copy(), tmp_path / "whole")
+    with pytest.raises(Interrupted):
+        train(cfg.copy(), tmp_path / "cut", stop=StopAfterSteps(8))  # epoch 2, mid-epoch
+    resumed = cfg.copy()
+    resumed.resume = str(tmp_path / "cut/checkpoints/last.pt")
+    train(resumed, tmp_path / "resumed")
+    assert read_metrics(tmp_path / "resumed")[-1]["val_loss"] == read_metrics(tmp_path / "whole")[-1]["val_loss"]
+    a = torch.load(tmp_path / "whole/checkpoints/last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)
+    assert a["averaged_steps"] == b["averaged_steps"]
+    for key in ("model", "training_weights"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+@pytest.mark.parametrize("value", [1.0, -0.1])
+def test_an_impossible_ema_decay_is_named(tiny_cfg, tmp_path, value):
+    with pytest.raises(UserError, match="trainer.ema_decay"):
+        train(tiny_cfg(f"trainer.ema_decay={value}"), tmp_path / "run")
+
+
+def test_model_weights_loads_a_local_state_dict_which_a_checkpoint_then_no_longer_needs(tmp_path):
+    torch.manual_seed(1)
+    saved = torchvision.models.mobilenet_v3_small().state_dict()
+    path = tmp_path / "mobilenet_v3_small.pth"
+    torch.save(saved, path)
+    cfg = compose([SMALL, f"model.weights={path}"])
+    model = build_model(cfg.model, CLASSES)
+    assert model.pretrained_loaded
+    assert all(torch.equal(model.backbone.state_dict()[k], saved[k]) for k in model.backbone.state_dict())
+    # A model rebuilt from its checkpoint takes the checkpoint's weights and never reads the file.
+    path.unlink()
+    rebuilt = model_from_checkpoint({"config": {"model": dict(cfg.model)}, "class_names": CLASSES,
+                                     "model": model.state_dict()})
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"),
+    ({"conv.weight": torch.zeros(1)}, "not a state dict of torchvision's mobilenet_v3_small"),
+    (pickle.dumps(object()), "not a state dict"),
+])
+def test_a_wrong_weights_file_is_named_in_one_line(tmp_path, content, message):
+    path = tmp_path / "weights.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(Exception) as error:  # Hydra's instantiate wraps it; the CLIs print the UserError
+        build_model(compose([SMALL, f"model.weights={path}"]).model, CLASSES)
+    assert str(user_error_in(error.value)).startswith(f"model.weights={path}: {message}")
+    assert "\n" not in str(user_error_in(error.value))
