@@ -13,7 +13,8 @@ from hydra.utils import instantiate
 from PIL import Image
 
 import balatro_train.demo as demo
-from balatro_train.data import build_data, read_labels
+from balatro_train.data import build_data
+from balatro_train.labels import read_labels
 from balatro_train.demo import EDITIONS, catalogue, ensure_rendered, main, summary, write_contact_sheet
 from balatro_train.demo_cards import (BANNER, BANNER_COLOUR, apply_edition, card_sprite, plan_collection,
                                       shows_name)
@@ -79,7 +80,7 @@ def test_a_folder_rendered_with_other_settings_is_refused(tmp_path):
         ensure_rendered(out_dir, **{**TINY, "seed": 1})
 
 
-@pytest.mark.parametrize("dataset", ["demo", "collection"])
+@pytest.mark.parametrize("dataset", ["demo", "demo_easy"])
 def test_every_render_setting_is_part_of_the_folder_name(dataset):
     """A changed setting must render its own set, never reuse one rendered with the old value."""
     cfg = compose([f"dataset={dataset}"])
@@ -96,8 +97,8 @@ def test_every_render_setting_is_part_of_the_folder_name(dataset):
 
 
 def test_the_presets():
-    """demo: the easy set as it was; collection: the real collection's scale, no augmentations."""
-    easy, real = demo.preset("demo"), demo.preset("collection")
+    """demo (the default): the real collection's scale, no augmentations; demo_easy: the easy set."""
+    easy, real = demo.preset("demo_easy"), demo.preset("demo")
     assert {k: easy[k] for k in ("style", "num_cards", "samples_per_card", "augmented_per_card")} == \
         {"style": "easy", "num_cards": 48, "samples_per_card": 40, "augmented_per_card": 10}
     assert {k: real[k] for k in ("style", "num_cards", "samples_per_card", "augmented_per_card")} == \
@@ -124,7 +125,7 @@ def test_the_collection_style_has_the_real_collections_shape(seed):
 
 def test_the_rendered_collection_follows_its_plan_and_reads_without_augmentations(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = compose(["dataset=collection", *(f"dataset.render.{k}={v}" for k, v in TINY_COLLECTION.items()),
+    cfg = compose(["dataset=demo", *(f"dataset.render.{k}={v}" for k, v in TINY_COLLECTION.items()),
                    "data.image_size=32"])
     out_dir = Path(instantiate(cfg.dataset.render))
     labels, augmented = load(out_dir)
@@ -196,7 +197,7 @@ def test_contact_sheet(tmp_path):
 
 def test_the_command_renders_a_preset_with_a_contact_sheet(tmp_path, capsys):
     out_dir = tmp_path / "set"
-    main(["--dataset", "collection", "--num-cards", "12", "--samples-per-card", "4", "--out-dir", str(out_dir),
+    main(["--dataset", "demo", "--num-cards", "12", "--samples-per-card", "4", "--out-dir", str(out_dir),
           "--preview"])
     assert (out_dir / "contact_sheet.png").is_file()
     assert json.loads((out_dir / "render.json").read_text()) == {**TINY_COLLECTION}
@@ -205,10 +206,10 @@ def test_the_command_renders_a_preset_with_a_contact_sheet(tmp_path, capsys):
 
 def test_the_default_dataset_trains_out_of_the_box(tmp_path):
     """`python -m balatro_train` with no dataset options renders the demo and trains on it."""
-    run_cli(["dataset.render.num_cards=8", "dataset.render.samples_per_card=4", "data.image_size=32",
+    run_cli(["dataset.render.num_cards=12", "dataset.render.samples_per_card=4", "data.image_size=32",
              "model.pretrained=false", "trainer.epochs=2", "trainer.batch_size=16"], cwd=tmp_path)
     [run] = run_dirs(tmp_path)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {"identification/top1_acc", "modifier/top1_acc"} <= set(rows[0])
-    assert (tmp_path / "data/demo/easy_cards8_x4_aug10_seed0/dataset_default/labels.json").is_file()
+    assert (tmp_path / "data/demo/collection_cards12_x4_aug0_seed0/dataset_default/labels.json").is_file()
     assert (tmp_path / "data/models/best_model.pt").is_file()

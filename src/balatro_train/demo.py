@@ -5,9 +5,9 @@
   {out_dir}/augmented/*.png + augmented.json        offline augmentations (rotated RGBA), weighted to rare
                                                     classes; an empty augmented.json when there are none
   {out_dir}/render.json                             the settings it was rendered with
-The settings are `dataset.render` in conf/dataset/demo.yaml (style easy) and collection.yaml (the real
-collection's scale and look); demo_cards.py says what each style draws.
-`python -m balatro_train.demo [--dataset collection] --preview` renders a set and writes a contact sheet.
+The settings are `dataset.render` in conf/dataset/demo.yaml (the default: the real collection's scale and
+look, style collection) and demo_easy.yaml (style easy); demo_cards.py says what each style draws.
+`python -m balatro_train.demo [--dataset demo_easy] --preview` renders a set and writes a contact sheet.
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def preset(dataset: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Render a demo dataset (and a contact sheet to look at) with the "
                                                  "settings of a dataset config; options override them.")
-    parser.add_argument("--dataset", default="demo", help="demo (the easy set, default) or collection")
+    parser.add_argument("--dataset", default="demo", help="demo (the default, real-scale set) or demo_easy")
     parser.add_argument("--style", choices=STYLES)
     parser.add_argument("--num-cards", type=int)
     parser.add_argument("--samples-per-card", type=float)
