@@ -32,4 +32,10 @@ def test_every_pipeline_builds_and_keeps_editions_apart(cfg, name):
 def test_default_composition(cfg):
     assert set(cfg.tasks) == {"identification", "modifier"}
     assert cfg.tasks.identification.field == "name" and cfg.tasks.modifier.field == "modifier"
-    assert cfg.model.backbone == "resnet18" and cfg.optimizer.lr == 1e-4 and cfg.data.image_size == 48
+    assert cfg.model.backbone == "resnet18" and cfg.data.image_size == 48
+    assert cfg.dataset.render.style == "collection"  # the real-scale demo
+    # The recipe measured on it (README, "How good is a recipe"):
+    assert (cfg.optimizer.optimizer, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("torch.optim.AdamW", 1e-3, 0.05)
+    assert cfg.scheduler._target_ == "balatro_train.optim.warmup_cosine" and cfg.scheduler.epochs == cfg.trainer.epochs
+    assert cfg.trainer.ema_decay == 0.99
+    assert cfg.tasks.identification.label_smoothing == cfg.tasks.modifier.label_smoothing == 0.1

@@ -95,7 +95,7 @@ def test_launcher_and_search_configs_compose(tmp_path):
     assert sweeper["sampler"]["_target_"] == "optuna.samplers.TPESampler" and sweeper["sampler"]["seed"] == 42
     assert sweeper["params"] == {"optimizer.lr": "tag(log, interval(1e-5, 1e-2))",
                                  "freeze": "choice(all, high, mid, none)",
-                                 "scheduler": "choice(cosine, plateau, step, none)"}
+                                 "scheduler": "choice(warmup_cosine, cosine, plateau, step, none)"}
     assert hydra["callbacks"]["sweep_summary"]["_target_"] == "balatro_train.sweep.SweepSummary"
 
     result = run_cli(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra"], cwd=tmp_path)
@@ -133,7 +133,7 @@ def test_optuna_search_completes_and_reports_its_best_trial(dataset, tmp_path):
         assert set(params) == OPTUNA_PARAMS
         assert 1e-5 <= float(params["optimizer.lr"]) <= 1e-2
         assert params["freeze"] in {"all", "high", "mid", "none"}
-        assert params["scheduler"] in {"cosine", "plateau", "step", "none"}
+        assert params["scheduler"] in {"warmup_cosine", "cosine", "plateau", "step", "none"}
         returned[job.name] = min(r["val_loss"] for r in rows)  # what the task function returned
 
     results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())

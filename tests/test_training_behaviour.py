@@ -185,7 +185,8 @@ def test_class_weights_weigh_each_image_by_its_class_name():
 def test_a_run_weighs_its_losses_by_the_configured_class_weights(tiny_cfg, tmp_path):
     """The runner's logged validation loss is the class-weighted mean over the validation images."""
     weights = {"Base": 0.5, "Foil": 2.0, "Negative": 3.0}
-    cfg = tiny_cfg("trainer.epochs=1", "publish_to=null",
+    cfg = tiny_cfg("trainer.epochs=1", "publish_to=null", "tasks.identification.label_smoothing=0",
+                   "tasks.modifier.label_smoothing=0",
                    *(f"+tasks.modifier.class_weights.{name}={w}" for name, w in weights.items()))
     train(cfg, tmp_path / "run")
     [row] = read_metrics(tmp_path / "run")

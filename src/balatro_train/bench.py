@@ -26,6 +26,7 @@ from balatro_train.config import CONFIG_DIR, check_config, typed_config
 from balatro_train.data import build_data, make_loaders
 from balatro_train.device import autocast, resolve_device, resolve_precision
 from balatro_train.errors import exit_on_user_error
+from balatro_train.optim import weight_average
 from balatro_train.train import start_model, train_one_epoch, training_step
 
 
@@ -61,15 +62,17 @@ def run_benchmark(cfg, steps: int) -> dict:
     decode_seconds = time.perf_counter() - started
 
     def fresh_model_and_optimizer():
+        """As train() builds them: the model (compiled if asked), its optimizer, its EMA (or None)."""
         model = start_model(cfg, data.class_names, None).to(device)
-        return torch.compile(model) if cfg.trainer.compile else model, instantiate(cfg.optimizer)(model)
+        return (torch.compile(model) if cfg.trainer.compile else model, instantiate(cfg.optimizer)(model),
+                weight_average(model, cfg.trainer.ema_decay))
 
     loss_fns = {task: nn.CrossEntropyLoss() for task in data.class_names}
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     batch, size = cfg.trainer.batch_size, cfg.data.image_size
 
     # (a) the bare step on a batch already on the device, as the loader delivers it (uint8 NHWC)
-    model, optimizer = fresh_model_and_optimizer()
+    model, optimizer, _ = fresh_model_and_optimizer()
     model.train()
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
     targets = {t: torch.randint(0, len(n), (batch,), device=device) for t, n in data.class_names.items()}
@@ -89,14 +92,15 @@ def run_benchmark(cfg, steps: int) -> dict:
     seen = sum(len(images) for images, _ in train_loader)
     pipeline = seen / (time.perf_counter() - started)
 
-    # (c) the runner's real epoch; the first one warms up allocators and workers
-    model, optimizer = fresh_model_and_optimizer()
+    # (c) the runner's real epoch (with the EMA update after each step where trainer.ema_decay keeps
+    # one); the first one warms up allocators and workers
+    model, optimizer, averaged = fresh_model_and_optimizer()
     runner = 0.0
     for epoch in (1, 2):
         train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
         seen, loss_means = train_one_epoch(model, train_loader, optimizer, scaler, loss_fns, forward, device,
-                                           threading.Event(), desc=f"runner epoch {epoch}")
+                                           threading.Event(), averaged=averaged, desc=f"runner epoch {epoch}")
         for mean in loss_means.values():
             mean.compute()
         runner = seen / (time.perf_counter() - started)

@@ -30,7 +30,7 @@ class DatasetConfig:
 
 @dataclass
 class DataConfig:
-    image_size: int = 224
+    image_size: int = 64
     val_split: float = 0.2
     weighted_sampler: bool = False
     background: list[int] = field(default_factory=lambda: [0, 0, 0])
@@ -50,7 +50,7 @@ class TrainerConfig:
     combine_losses: str = "max"
     channels_last: bool = True
     compile: bool = False
-    ema_decay: float = 0.0
+    ema_decay: float = 0.99
 
 
 @dataclass
@@ -59,7 +59,7 @@ class TaskConfig:
     train_transforms: str = "train"
     val_transforms: str = "val"
     class_weights: dict[str, float] = dataclasses.field(default_factory=dict)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # `field` is taken above
 
 
