@@ -39,7 +39,7 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 32
     patience: int = 5
     checkpoint_interval: int = 5
