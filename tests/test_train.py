@@ -40,8 +40,9 @@ def test_single_run_leaves_a_complete_run_folder(dataset, tmp_path):
     assert "modifier/confusion_matrix" not in rows[0]  # a matrix is a TensorBoard figure, not a number
     # The combined losses use the default rule, max over tasks.
     assert rows[0]["val_loss"] == max(rows[0]["identification/val_loss"], rows[0]["modifier/val_loss"])
-    # The data is easy: training must make progress.
-    assert rows[-1]["train_loss"] < 0.7 * rows[0]["train_loss"]
+    # The data is easy: training must make progress (on the cards; 24 images and a dozen steps leave
+    # the modifier head's loss noisy).
+    assert rows[-1]["identification/train_loss"] < 0.7 * rows[0]["identification/train_loss"]
 
     best = torch.load(run / "checkpoints/best.pt", weights_only=True)
     assert best["epoch"] == min(rows, key=lambda r: r["val_loss"])["epoch"]
@@ -131,8 +132,9 @@ def test_a_new_task_is_one_yaml_file(dataset, tmp_path):
     assert set(logits) == {"card_type"} and targets["card_type"].tolist().count(0) == 2  # 2 Jokers, 2 Tarots
     right = (logits["card_type"].argmax(dim=1) == targets["card_type"]).float().mean().item()
     assert row["card_type/top1_acc"] == pytest.approx(right)
-    assert row["card_type/val_loss"] == pytest.approx(nn.functional.cross_entropy(logits["card_type"],
-                                                                               targets["card_type"]).item(), rel=1e-4)
+    # A task that does not set label_smoothing gets the schema's default, the recipe's 0.1.
+    assert row["card_type/val_loss"] == pytest.approx(nn.functional.cross_entropy(
+        logits["card_type"], targets["card_type"], label_smoothing=0.1).item(), rel=1e-4)
 
 
 def test_unknown_key_and_wrong_type_are_refused_by_the_structured_config(dataset, tmp_path):
