@@ -41,8 +41,8 @@ def test_single_run_leaves_a_complete_run_folder(dataset, tmp_path):
     # The combined losses use the default rule, max over tasks.
     assert rows[0]["val_loss"] == max(rows[0]["identification/val_loss"], rows[0]["modifier/val_loss"])
     # The data is easy: training must make progress (on the cards; 24 images and a dozen steps leave
-    # the modifier head's loss noisy).
-    assert rows[-1]["identification/train_loss"] < 0.7 * rows[0]["identification/train_loss"]
+    # the modifier head's loss noisy, and the warmup takes half of the four epochs).
+    assert rows[-1]["identification/train_loss"] < 0.9 * rows[0]["identification/train_loss"]
 
     best = torch.load(run / "checkpoints/best.pt", weights_only=True)
     assert best["epoch"] == min(rows, key=lambda r: r["val_loss"])["epoch"]
