@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from balatro_train.errors import UserError
-from balatro_train.model import build_model
+from balatro_train.model import LINEAR_HEAD, build_model, head_factories
 from balatro_train.preprocessing import Preprocessing
 
 # 2: the model normalises its uint8 input itself (model.ImageInput); format 1 models expected their
@@ -60,11 +60,13 @@ class Progress:
 
 
 def training_checkpoint(cfg, progress: Progress, model: nn.Module, optimizer, scheduler, scaler, data,
-                        averaged=None) -> dict:
+                        averaged=None, unknown_thresholds: dict[str, float] | None = None) -> dict:
     """Everything a checkpoint holds: enough to resume the run exactly, and to use the model
     (its config, class names, task fields and preprocessing) without the run's config files.
     `model` holds the weights that were validated: the EMA where the run keeps one
-    (trainer.ema_decay), whose training weights are then `training_weights`, to resume from."""
+    (trainer.ema_decay), whose training weights are then `training_weights`, to resume from.
+    `unknown_thresholds`: per embedding-head task, the max cosine below which an image is "unknown",
+    calibrated on the validation images by the last validation of these weights."""
     return {"format": FORMAT, "epoch": progress.epoch, "partial_epoch": progress.partial_epoch,
             "best_val_loss": progress.best_val_loss, "bad_epochs": progress.bad_epochs, "history": progress.history,
             "model": (averaged.module if averaged else model).state_dict(),
@@ -74,12 +76,14 @@ def training_checkpoint(cfg, progress: Progress, model: nn.Module, optimizer, sc
             "scaler": scaler.state_dict(), "rng": rng_state(),
             "class_names": data.class_names, "fields": {task: t.field for task, t in cfg.tasks.items()},
             "split": data.split, "pretrained_loaded": model.pretrained_loaded,
-            "config": OmegaConf.to_container(cfg, resolve=True), "preprocessing": data.preprocessing.to_dict()}
+            "config": OmegaConf.to_container(cfg, resolve=True), "preprocessing": data.preprocessing.to_dict(),
+            "unknown_thresholds": dict(unknown_thresholds or {})}
 
 
 def model_from_checkpoint(state: dict) -> nn.Module:
-    """The checkpoint's model, rebuilt from its own `model` config with its weights, in eval mode."""
-    return build_model(state["config"]["model"], state["class_names"], state["model"]).eval()
+    """The checkpoint's model, rebuilt from its own `model` config and heads with its weights, in eval mode."""
+    return build_model(state["config"]["model"], state["class_names"], state["model"],
+                       head_factories(state["config"])).eval()
 
 
 def preprocessing_of(state: dict) -> Preprocessing:
@@ -136,6 +140,9 @@ def load_checkpoint(path: str | Path, key: str = "resume") -> dict:
                         f"normalised by the pipeline); retrain it with this version")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{key}={path}: not a balatro-train checkpoint (no '{FORMAT}' format tag)")
+    if key == "resume" and state.get("enrolled"):
+        raise UserError(f"resume={path}: cards were enrolled into this checkpoint (balatro_train.enroll), so it no "
+                        f"longer continues its run; start a new run from it with init_from={path}")
     return state
 
 
@@ -145,12 +152,22 @@ def check_compatible(checkpoint: dict, cfg, key: str) -> None:
     if checkpoint["fields"] != fields:
         raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint was trained for tasks {checkpoint['fields']}, "
                         f"this run has {fields}; pick the same task=...")
+    saved_heads, these_heads = heads_of(checkpoint["config"]), heads_of(OmegaConf.to_container(cfg, resolve=True))
+    if saved_heads != these_heads:
+        raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint's task heads are {saved_heads}, this run asks for "
+                        f"{these_heads}; pick the same tasks.<task>.head (and heads.* keys)")
     initial = ("pretrained", "weights")  # where the first weights came from: the checkpoint's replace them
     saved_model = {k: v for k, v in checkpoint["config"]["model"].items() if k not in initial}
     this_model = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k not in initial}
     if saved_model != this_model:
         raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint holds a {saved_model} model, this run asks "
                         f"for {this_model}; pick the same model=... (and model.* keys)")
+
+
+def heads_of(config: dict) -> dict:
+    """{task: its head's config} of a run config (the linear head where a saved config names none)."""
+    heads = {"linear": LINEAR_HEAD, **(config.get("heads") or {})}
+    return {task: heads.get(t.get("head", "linear")) for task, t in config["tasks"].items()}
 
 
 def rng_state() -> dict:

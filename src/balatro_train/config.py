@@ -35,6 +35,7 @@ class DataConfig:
     weighted_sampler: bool = False
     background: list[int] = field(default_factory=lambda: [0, 0, 0])
     on_bad_image: str = "error"
+    held_out_cards: int = 0
 
 
 @dataclass
@@ -60,6 +61,8 @@ class TaskConfig:
     val_transforms: str = "val"
     class_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     label_smoothing: float = 0.1
+    head: str = "linear"          # a name in `heads` (conf/heads/standard.yaml)
+    accept_known: float = 0.95    # embedding heads: share of known validation images "unknown" must accept
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # `field` is taken above
 
 
@@ -78,6 +81,7 @@ class TrainConfig:
     optimizer: Any = None
     scheduler: Any = None
     transforms: dict[str, Any] = field(default_factory=dict)
+    heads: dict[str, Any] = field(default_factory=dict)
 
 
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
@@ -119,6 +123,8 @@ def check_config(cfg) -> None:
         raise UserError(f"data.image_size={d.image_size} is too small for the backbone: use 32 or more")
     if len(d.background) != 3 or not all(0 <= c <= 255 for c in d.background):
         raise UserError(f"data.background={list(d.background)} must be three values from 0 to 255")
+    if d.held_out_cards < 0:
+        raise UserError(f"data.held_out_cards={d.held_out_cards} must be 0 (train on every card) or more")
     if d.on_bad_image not in ("error", "skip"):
         raise UserError(f"data.on_bad_image={d.on_bad_image} must be error or skip")
     if t.batch_size < 2:
@@ -139,6 +145,12 @@ def check_config(cfg) -> None:
             if pipeline not in cfg.transforms:
                 raise UserError(f"tasks.{name}.{key}={pipeline} is not a pipeline of transforms "
                                 f"(available: {', '.join(cfg.transforms)})")
+    for name, task in cfg.tasks.items():
+        if task.head not in cfg.heads and task.head != "linear":
+            raise UserError(f"tasks.{name}.head={task.head} is not one of the heads ({', '.join(cfg.heads)})")
+        if not 0.0 < task.accept_known < 1.0:
+            raise UserError(f"tasks.{name}.accept_known={task.accept_known} must lie strictly between 0 and 1, "
+                            f"e.g. 0.95")
     for key in ("train_transforms", "val_transforms"):
         chosen = {task[key] for task in cfg.tasks.values()}
         if len(chosen) > 1:

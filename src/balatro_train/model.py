@@ -1,11 +1,13 @@
-"""The network: a torchvision backbone behind an input layer, one linear head per task; how it is built
-from a config or a checkpoint; the freeze strategies and the optimizer's parameter groups."""
+"""The network: a torchvision backbone behind an input layer, one head per task (linear, or an embedding
+head: balatro_train/embedding.py); how it is built from a config or a checkpoint; the freeze strategies
+and the optimizer's parameter groups."""
 
 from __future__ import annotations
 
 import logging
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,12 +42,17 @@ class ImageInput(nn.Module):
         return (images.permute(0, 3, 1, 2).float() * self.scale - self.shift).contiguous(memory_format=self.memory_format)
 
 
+LINEAR_HEAD = {"_target_": "torch.nn.Linear", "_partial_": True}  # conf/heads/standard.yaml's, always there
+HeadFactory = Callable[[int, int], nn.Module]  # (features, classes) -> head, e.g. a partial of nn.Linear
+
+
 class CardNet(nn.Module):
-    """uint8 (N, H, W, 3) images -> input layer -> shared backbone -> one `nn.Linear` head per task;
-    forward returns {task: logits}."""
+    """uint8 (N, H, W, 3) images -> input layer -> shared backbone -> one head per task; forward returns
+    {task: logits}. `heads` builds a task's head from (features, classes); by default an `nn.Linear`."""
 
     def __init__(self, backbone: str, num_classes: dict[str, int], pretrained: bool = True,
-                 weights: str | None = None, mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD):
+                 weights: str | None = None, mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD,
+                 heads: dict[str, HeadFactory] | None = None):
         super().__init__()
         self.backbone_name = backbone
         self.input = ImageInput(mean, std)
@@ -54,7 +61,8 @@ class CardNet(nn.Module):
         else:
             self.backbone, self.pretrained_loaded = _load_backbone(backbone, pretrained)
         features = _drop_classifier(self.backbone, backbone)
-        self.heads = nn.ModuleDict({task: nn.Linear(features, n) for task, n in num_classes.items()})
+        heads = heads or {}
+        self.heads = nn.ModuleDict({task: heads.get(task, nn.Linear)(features, n) for task, n in num_classes.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         images = self.input(images)
@@ -126,16 +134,33 @@ def _drop_classifier(model: nn.Module, name: str) -> int:
     return last.in_features
 
 
-def build_model(model_cfg, class_names: dict[str, list[str]], state_dict: dict | None = None) -> nn.Module:
-    """The model a `model` config describes, with one head per task of `class_names`; with
-    `state_dict` (a checkpoint's), those weights, and then the config's initial weights
-    (model.pretrained, model.weights) are neither downloaded nor read. Training, resume, init_from,
-    inference and export all build it here."""
+def build_model(model_cfg, class_names: dict[str, list[str]], state_dict: dict | None = None,
+                heads: dict[str, HeadFactory] | None = None) -> nn.Module:
+    """The model a `model` config describes, with one head per task of `class_names` (built by `heads`,
+    see `head_factories`); with `state_dict` (a checkpoint's), those weights, and then the config's
+    initial weights (model.pretrained, model.weights) are neither downloaded nor read. Training,
+    resume, init_from, inference and export all build it here."""
     initial = {} if state_dict is None else {"pretrained": False, "weights": None}
-    model = instantiate(model_cfg, num_classes={task: len(names) for task, names in class_names.items()}, **initial)
+    model = instantiate(model_cfg, num_classes={task: len(names) for task, names in class_names.items()},
+                        heads=heads or {}, **initial)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model.use_channels_last()
+
+
+def head_factories(config) -> dict[str, HeadFactory]:
+    """{task: what builds its head} from a run config (composed, or a checkpoint's saved one):
+    tasks.<task>.head names a `_partial_` node of `heads` (conf/heads/standard.yaml). Configs written
+    before heads existed name none: their tasks get the linear head, which is always there."""
+    heads = {"linear": LINEAR_HEAD, **(config.get("heads") or {})}
+    factories = {}
+    for task, task_cfg in config["tasks"].items():
+        name = task_cfg.get("head", "linear")
+        if name not in heads:
+            raise UserError(f"tasks.{task}.head={name} is not one of the heads ({', '.join(heads) or 'none defined'}); "
+                            f"pick one of those, or define heads.{name}")
+        factories[task] = instantiate(heads[name])
+    return factories
 
 
 def freeze_backbone(model: CardNet, trainable: list[str] | None) -> CardNet:

@@ -25,18 +25,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics import MeanMetric
+from torchmetrics import CatMetric, MeanMetric
 
 from balatro_train.checkpoint import Progress, check_compatible, load_checkpoint, save_checkpoint, training_checkpoint
 from balatro_train.config import CONFIG_DIR, check_config, typed_config
 from balatro_train.data import build_data, make_loaders
 from balatro_train.device import autocast, resolve_precision, start_process
+from balatro_train.embedding import task_loss, unknown_thresholds
 from balatro_train.progress import TrainingProgress
 from balatro_train.run_log import HParams, RunLog, epoch_row, log_epoch, write_predictions
 from balatro_train.errors import UserError
 from balatro_train.job import run_hydra_job
 from balatro_train.metrics import build_metrics, new_loss_means
-from balatro_train.model import build_model, keep_frozen_batchnorm_in_eval
+from balatro_train.model import build_model, head_factories, keep_frozen_batchnorm_in_eval
 from balatro_train.optim import step_scheduler, weight_average
 from balatro_train.resume import carry_best_checkpoint, interrupt, restore, resume_epoch
 
@@ -79,13 +80,14 @@ def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None,
     amp_dtype = resolve_precision(cfg.trainer.precision, process.device)
     scaler = torch.amp.GradScaler(process.device.type, enabled=amp_dtype == torch.float16)
     forward = autocast(process.device, amp_dtype)
-    loss_fns = {task: nn.CrossEntropyLoss(weight=class_weights(task, cfg.tasks[task], names),
-                                          label_smoothing=cfg.tasks[task].label_smoothing).to(process.device)
+    loss_fns = {task: task_loss(model.heads[task], class_weights(task, cfg.tasks[task], names),
+                                cfg.tasks[task].label_smoothing).to(process.device)
                 for task, names in data.class_names.items()}
     metrics = {task: build_metrics(task, cfg.tasks[task].metrics, len(names)).to(process.device)
                for task, names in data.class_names.items()}
     train_loader, val_loader = make_loaders(cfg, data, process.device, process.rank, process.world)
     progress = Progress() if resumed is None else restore(resumed, optimizer, scheduler, scaler, cfg.resume)
+    thresholds = (resumed or {}).get("unknown_thresholds", {})  # embedding heads' "unknown", per validation
     checkpoints = out_dir / "checkpoints"
     if process.is_main:  # a resumed run's metrics.jsonl starts with the earlier epochs, and its best model
         (out_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in progress.history))
@@ -95,7 +97,7 @@ def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None,
              str(amp_dtype or torch.float32).replace("torch.", ""), out_dir)
 
     def checkpoint() -> dict:
-        return training_checkpoint(cfg, progress, model, optimizer, scheduler, scaler, data, averaged)
+        return training_checkpoint(cfg, progress, model, optimizer, scheduler, scaler, data, averaged, thresholds)
 
     with RunLog(out_dir, cfg, HParams.of(cfg, hparams), list(loss_fns), progress.history, process.is_main,
                 process.world) as run_log:
@@ -109,8 +111,9 @@ def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None,
             if stop.is_set():
                 interrupt(progress, epoch, seen, loss_means, checkpoint, process, out_dir)
             train_seconds = time.perf_counter() - started
-            val_losses, results, predictions, confidences = validate(eval_model, val_loader, loss_fns, metrics, forward,
-                                                                     process.device, run_log.validation_bar(epoch))
+            val_losses, results, predictions, confidences, top_logits = validate(
+                eval_model, val_loader, loss_fns, metrics, forward, process.device, run_log.validation_bar(epoch))
+            thresholds = unknown_thresholds(model.heads, top_logits, cfg.tasks)
             row = epoch_row(epoch, cfg.trainer.combine_losses, loss_means, val_losses, results, lrs,
                             time.perf_counter() - started, seen * process.world / train_seconds)
             check_finite(row, checkpoints)
@@ -174,10 +177,11 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fns, forward, device,
 @torch.no_grad()
 def validate(model, loader, loss_fns, metrics, forward, device, bar=iter):
     """One pass over the validation data (through `bar`, which may draw one) gives every task's mean
-    loss and metrics (both gathered from every process by torchmetrics), and this process's
-    predictions with their probabilities."""
+    loss, metrics and each image's top logit (all gathered from every process by torchmetrics), and
+    this process's predictions with their probabilities."""
     model.eval()
     loss_means = new_loss_means(loss_fns, device)
+    top_logits = {task: CatMetric().to(device) for task in loss_fns}
     predictions, confidences = {task: [] for task in loss_fns}, {task: [] for task in loss_fns}
     for metric in metrics.values():
         metric.reset()
@@ -188,13 +192,15 @@ def validate(model, loader, loss_fns, metrics, forward, device, bar=iter):
             logits, target = outputs[task].float(), targets[task].to(device, non_blocking=True)
             loss_means[task].update(fn(logits, target).expand(len(images)))
             metrics[task].update(logits, target)
+            top_logits[task].update(logits.max(dim=1).values)
             predicted = logits.argmax(dim=1)
             predictions[task].append(predicted)
             confidences[task].append(logits.softmax(dim=1).gather(1, predicted[:, None])[:, 0])
     return ({task: mean.compute().item() for task, mean in loss_means.items()},
             {task: metric.compute() for task, metric in metrics.items()},
             {task: torch.cat(p).cpu() for task, p in predictions.items()},
-            {task: torch.cat(p).cpu() for task, p in confidences.items()})
+            {task: torch.cat(p).cpu() for task, p in confidences.items()},
+            {task: values.compute().reshape(-1).cpu() for task, values in top_logits.items()})
 
 
 # ---- set-up, and what the loop does besides the steps ------------------------------------------------
@@ -226,10 +232,10 @@ def start_model(cfg, class_names: dict[str, list[str]], source: dict | None, res
     compared with this run's. A checkpoint's `model` is its EMA where the run kept one; a resumed
     run goes on from the weights it was training."""
     if source is None:
-        model = build_model(cfg.model, class_names)
+        model = build_model(cfg.model, class_names, heads=head_factories(cfg))
     else:
         weights = (resumed or {}).get("training_weights") or source["model"]
-        model = build_model(source["config"]["model"], class_names, weights)
+        model = build_model(source["config"]["model"], class_names, weights, head_factories(source["config"]))
         model.pretrained_loaded = source["pretrained_loaded"]
     model.use_channels_last(cfg.trainer.channels_last)
     instantiate(cfg.freeze)(model)
