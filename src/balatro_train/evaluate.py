@@ -10,6 +10,12 @@ augmented files are ignored), prepared exactly as validation prepared them. Writ
                                most often taken for, worst first
   misclassified_<task>.png     the misclassified images, true and predicted label under each
   report.md                    all of the above on one page
+
+A task with an embedding head (tasks.<task>.head=cosine) may be given cards the checkpoint does not
+know: its closed-set metrics are then those of the known cards' images, and metrics.json's
+`open_set` reports how well "unknown" separates the two: AUROC of known vs unknown by the best
+cosine to a prototype, and at the checkpoint's calibrated threshold the known images accepted and
+correctly named, and the unknown images rejected.
 """
 
 from __future__ import annotations
@@ -62,10 +68,11 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
     if not samples:
         raise UserError(f"dataset.labels_file={labels_file}: the dataset is empty; label some images first")
     check_fields(samples, tasks, [str(labels_file)])
-    targets = {task: class_indices(task, [str(s.meta[tasks[task].field]) for s in samples],
-                                   state["class_names"][task], labels_file) for task in state["class_names"]}
-
     recognizer = Recognizer(state, device, batch_size)
+    targets = {task: class_indices(task, [str(s.meta[tasks[task].field]) for s in samples],
+                                   state["class_names"][task], labels_file, open_set=task in recognizer.scales)
+               for task in state["class_names"]}
+
     prep = recognizer.preprocessing
     images, bad = load_images(samples, prep.image_size, prep.background)
     for problem in bad.values():
@@ -75,32 +82,41 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
         raise UserError(f"dataset.labels_file={labels_file}: none of its images is readable")
     samples, images = [samples[i] for i in keep], images[keep]
     log.info("evaluating %s on %d images of %s (%s)", path, len(samples), labels_file, recognizer.device)
-    probs = recognizer.probabilities(images)
+    logits = recognizer.logits(images)
+    probs, scores = {task: values.softmax(dim=1) for task, values in logits.items()}, recognizer.max_cosines(logits)
 
     out_dir = Path(out_dir) if out_dir else default_out_dir(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(path), "labels_file": str(labels_file), "num_images": len(samples),
-              "skipped": sorted(bad), "tasks": {}}
+              "skipped": sorted(bad), "tasks": {}, "open_set": {}}
     import matplotlib.pyplot as plt  # confusion_figure's figures belong to pyplot: closed here, or they pile up
 
     mistakes, summaries = {}, {}
     for task, names in state["class_names"].items():
         target = targets[task][keep]
+        known = target >= 0
+        if not known.all():
+            report["open_set"][task] = open_set_metrics(scores[task], known, probs[task].argmax(dim=1) == target,
+                                                        recognizer.thresholds[task])
+            if not known.any():
+                continue
+        task_samples = [s for s, k in zip(samples, known.tolist()) if k]
+        task_probs, target = probs[task][known], target[known]
         true_list = target.tolist()
         declared = OmegaConf.to_container(tasks[task].metrics)
         metrics = build_metrics(task, OmegaConf.create({**declared, "confusion_matrix": CONFUSION_MATRIX}), len(names))
-        scalars, matrices = scalars_and_matrices(metrics(probs[task], target))
+        scalars, matrices = scalars_and_matrices(metrics(task_probs, target))
         report["tasks"][task] = scalars
-        figure = confusion_figure(matrices["confusion_matrix"], names, f"{task}: {path.name}, {len(samples)} images")
+        figure = confusion_figure(matrices["confusion_matrix"], names, f"{task}: {path.name}, {len(target)} images")
         figure.savefig(out_dir / f"confusion_{task}.png", dpi=100)
         plt.close(figure)
         summaries[task] = confusion_summary(matrices["confusion_matrix"], names)
-        confidence, predicted = (values.tolist() for values in probs[task].max(dim=1))
+        confidence, predicted = (values.tolist() for values in task_probs.max(dim=1))
         wrong = [i for i, (t, p) in enumerate(zip(true_list, predicted)) if t != p]
-        mistakes[task] = [(samples[i].file, names[true_list[i]], names[predicted[i]], confidence[i]) for i in wrong]
+        mistakes[task] = [(task_samples[i].file, names[true_list[i]], names[predicted[i]], confidence[i]) for i in wrong]
         shown = wrong[:max_grid_images]
         # Drawn from the files at tile size: the model's own input may be too small to recognise a card by eye.
-        display = [load_image(samples[i].path, TILE, prep.background) for i in shown]
+        display = [load_image(task_samples[i].path, TILE, prep.background) for i in shown]
         grid = misclassified_grid(display, [names[true_list[i]] for i in shown], [names[predicted[i]] for i in shown],
                                   max_grid_images, [confidence[i] for i in shown])
         Image.fromarray(grid).save(out_dir / f"misclassified_{task}.png")
@@ -113,9 +129,26 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
     return report
 
 
-def class_indices(task: str, labels: list[str], names: list[str], labels_file) -> torch.Tensor:
+def open_set_metrics(scores: torch.Tensor, known: torch.Tensor, correct: torch.Tensor, threshold: float) -> dict:
+    """How well the best cosine (`scores`) tells the `known` images from the others, and what the
+    threshold does: known images accepted (and also correctly named), unknown ones rejected."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    accepted = scores >= threshold
+    return {"known_images": int(known.sum()), "unknown_images": int((~known).sum()), "threshold": threshold,
+            "auroc": binary_auroc(scores, known.long()).item() if known.any() else float("nan"),
+            "known_accepted": accepted[known].float().mean().item() if known.any() else float("nan"),
+            "known_accuracy_at_threshold": (accepted & correct)[known].float().mean().item() if known.any()
+            else float("nan"),
+            "unknown_rejected": (~accepted[~known]).float().mean().item()}
+
+
+def class_indices(task: str, labels: list[str], names: list[str], labels_file, open_set: bool = False) -> torch.Tensor:
+    """Each label's class index; with `open_set` (an embedding head), -1 for a class the checkpoint does not know."""
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted(set(labels) - index.keys())
+    if open_set:
+        return torch.tensor([index.get(label, -1) for label in labels])
     if unknown:
         raise UserError(f"task {task}: dataset.labels_file={labels_file} has classes the checkpoint does not know: "
                         f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}; evaluate a checkpoint "
@@ -154,6 +187,13 @@ def markdown(report: dict, state: dict, mistakes: dict, max_rows: int) -> str:
             lines += [f"| {file} | {true} | {pred} | {p:.3f} |" for file, true, pred, p in mistakes[task][:max_rows]]
             if len(mistakes[task]) > max_rows:
                 lines.append(f"\n... and {len(mistakes[task]) - max_rows} more")
+    for task, o in report["open_set"].items():
+        lines += ["", f"## {task}: cards the checkpoint does not know", "",
+                  f"{o['unknown_images']} images of unknown cards beside {o['known_images']} of known ones (the metrics "
+                  f"above are the known ones'). An image is \"unknown\" when its best cosine to a prototype is below "
+                  f"{o['threshold']:.3f}.", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {o[name]:.4f} |" for name in
+                  ("auroc", "known_accepted", "known_accuracy_at_threshold", "unknown_rejected")]
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,9 @@ as `Recognizer.prepare` or `Preprocessing.square` makes them: the model converts
 them itself) and one logits output per task, in the checkpoint's task order. Beside it,
 `<out without suffix>.json` holds the class names and the preprocessing constants; the same
 entries are in the ONNX file's metadata_props (JSON strings) and in the TorchScript file's
-extra file `balatro_train.json`. Default `out`: next to the checkpoint, `<stem>.onnx` or
+extra file `balatro_train.json`. An embedding head's logits are its scale x the cosine to each class
+prototype; `unknown` in the JSON gives each such task's scale and calibrated threshold: a deployment
+calls a card unknown when max(logits) / scale is below the threshold. Default `out`: next to the checkpoint, `<stem>.onnx` or
 `<stem>.torchscript.pt`.
 
 `format=original` writes instead the checkpoint that the original ai-balatro pipeline
@@ -114,6 +116,11 @@ def export_original(state: dict, checkpoint: Path, out: Path) -> Path:
                         f"(the ai-balatro pipeline only builds resnet18); use format=onnx or format=torchscript")
     if out.resolve() == checkpoint.resolve():
         raise UserError(f"out={out} is the checkpoint itself; give another out=")
+    cosine = [task for task in state["class_names"] if f"heads.{task}.scale" in state["model"]]
+    if cosine:
+        raise UserError(f"checkpoint={checkpoint}: format=original needs linear heads, but {', '.join(cosine)} has an "
+                        f"embedding head (the ai-balatro pipeline only builds nn.Linear heads); use format=onnx or "
+                        f"format=torchscript, or train with tasks.<task>.head=linear")
     prep = metadata(state, checkpoint, "original", list(state["class_names"]))["preprocessing"]
     if prep["image_size"] != ORIGINAL_SIZE:
         log.warning("the model was trained at %d px but the ai-balatro pipeline resizes every image to %dx%d: "
@@ -181,6 +188,12 @@ def metadata(state: dict, checkpoint: Path, fmt: str, tasks: list[str]) -> dict:
             "std": list(model_cfg.get("std", IMAGENET_STD)),
             "val_transforms": prep["val_transforms"],
         },
+        # Embedding heads: their outputs are scale x cosine to each class prototype (the prototypes,
+        # enrolled cards' included, are the head's weights inside the model).
+        "unknown": {task: {"scale": float(state["model"][f"heads.{task}.scale"]),
+                           "threshold": float((state.get("unknown_thresholds") or {}).get(task, -1.0)),
+                           "rule": "score = max(output) / scale; below threshold the card is unknown"}
+                    for task in tasks if f"heads.{task}.scale" in state["model"]},
     }
 
 

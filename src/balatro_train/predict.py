@@ -7,6 +7,14 @@ annotation tool reads to pre-fill its labels:
                   "labels": {"identification": [{"label": "The Fool", "probability": 0.91}, ...]}}}
 
 `raw` is the model's top-k as is; `threshold` only drops entries from `labels`.
+
+A task with an embedding head (tasks.<task>.head=cosine) adds the image's best cosine to a class
+prototype and the threshold it is held to (the checkpoint's calibrated one, or `unknown_threshold`)
+to `raw`; below it, `labels` starts with "unknown" and its score, then the nearest known cards:
+
+    "raw":    {"identification": {"indices": [...], "probs": [...], "score": 0.41, "threshold": 0.62}},
+    "labels": {"identification": [{"label": "unknown", "score": 0.41},
+                                  {"label": "The Fool", "probability": 0.35}, ...]}
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig
 
+from balatro_train.embedding import UNKNOWN
 from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
 from balatro_train.config import CONFIG_DIR
@@ -43,7 +52,7 @@ def predict(cfg: DictConfig) -> dict:
         raise UserError(f"threshold={cfg.threshold} must be a probability between 0 and 1")
     checkpoint = resolve_checkpoint(cfg.checkpoint)  # first: the cheaper mistake to report
     paths = find_images(cfg.images)
-    recognizer = Recognizer.from_checkpoint(checkpoint, cfg.device, cfg.batch_size)
+    recognizer = Recognizer.from_checkpoint(checkpoint, cfg.device, cfg.batch_size, cfg.unknown_threshold)
     images, kept = [], []
     for path in paths:
         try:
@@ -54,7 +63,9 @@ def predict(cfg: DictConfig) -> dict:
     if not kept:
         raise UserError(f"images={cfg.images}: none of the {len(paths)} matched files is a readable image")
     log.info("predicting %d images on %s", len(kept), recognizer.device)
-    top = recognizer.top_k(recognizer.probabilities(images), cfg.topk)
+    logits = recognizer.logits(images)
+    top = recognizer.top_k({task: values.softmax(dim=1) for task, values in logits.items()}, cfg.topk)
+    scores = recognizer.max_cosines(logits)
     result = {}
     for n, key in enumerate(result_keys(kept)):
         raw, labels = {}, {}
@@ -63,6 +74,11 @@ def predict(cfg: DictConfig) -> dict:
             raw[task] = {"indices": indices, "probs": probs}
             labels[task] = [{"label": recognizer.class_names[task][i], "probability": p}
                             for i, p in zip(indices, probs) if cfg.threshold is None or p >= cfg.threshold]
+            if task in scores:
+                score, threshold = scores[task][n].item(), recognizer.thresholds[task]
+                raw[task].update(score=score, threshold=threshold)
+                if score < threshold:
+                    labels[task].insert(0, {"label": UNKNOWN, "score": score})
         result[key] = {"raw": raw, "labels": labels}
     text = json.dumps(result, indent=1)
     if cfg.out:
