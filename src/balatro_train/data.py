@@ -78,6 +78,23 @@ def split_samples(originals: list[Sample], augmented: list[Sample], field: str, 
     return train, [s.file for s in originals if s.file in val]
 
 
+def hold_out_cards(originals: list[Sample], field: str, cards: int, seed: int) -> list[str]:
+    """The files of `cards` classes of `field` drawn by `seed` among those with 4 or more originals
+    (data.held_out_cards): left out of training and validation entirely, they are the cards a
+    model has never seen, for the open-set benchmark (balatro_train/openset.py)."""
+    if not cards:
+        return []
+    by_class: dict[str, list[str]] = defaultdict(list)
+    for sample in originals:
+        by_class[str(sample.meta[field])].append(sample.file)
+    eligible = sorted(label for label, files in by_class.items() if len(files) >= 4)
+    if len(eligible) < cards:
+        raise UserError(f"data.held_out_cards={cards}: only {len(eligible)} cards have the 4 or more screenshots "
+                        f"a held-out card needs; hold out fewer")
+    chosen = np.random.default_rng([seed, 7]).choice(len(eligible), cards, replace=False)
+    return sorted(file for i in chosen for file in by_class[eligible[i]])
+
+
 class CardDataset(Dataset):
     """Pre-decoded uint8 images plus one integer target per task.
 
@@ -183,9 +200,13 @@ def build_data(cfg, class_names: dict[str, list[str]] | None = None,
     row = {s.file: i for i, s in enumerate(everything)}
 
     stratify_field = next(iter(tasks.values())).field
+    held_out = set(split.get("held_out", []) if split else
+                   hold_out_cards(originals, stratify_field, cfg.data.held_out_cards, cfg.seed))
+    originals = [s for s in originals if s.file not in held_out]
+    augmented = [s for s in augmented if s.parent not in held_out]
     if split is None:
         train_files, val_files = split_samples(originals, augmented, stratify_field, cfg.data.val_split, cfg.seed)
-        split = {"train": train_files, "val": val_files}
+        split = {"train": train_files, "val": val_files, "held_out": sorted(held_out)}
     by_file = {s.file: s for s in originals + augmented}
     missing = [f for f in split["train"] + split["val"] if f not in by_file]
     if missing:
