@@ -9,9 +9,10 @@ each seed's best checkpoint and measures, for its embedding-head task (identific
    the seed's validation images; never seen: every screenshot of the held-out cards), and at the
    checkpoint's calibrated threshold, the known images accepted and the unseen ones rejected;
 2. after enrolling every held-out card at once from 1 (and from 3) of its screenshots, drawn by the
-   seed, with `balatro_train.enroll.enroll`: top-1 on the held-out cards' other screenshots, and the
+   seed, as `python -m balatro_train.enroll` does (with its colour-inverted view): top-1 on the held-out cards' other screenshots, and the
    change in top-1 on the known validation images;
-3. the time enrolling one card takes: reading its screenshots, embedding them, adding the prototype
+3. the time enrolling one card takes: reading its screenshots, embedding them (and their inverted
+   views), adding the prototype
    (the mean over the held-out cards, 3 screenshots each; no training step, no file written).
 
 Every figure is the mean over the seeds with its 95% confidence interval (Student's t), as in
@@ -33,7 +34,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from balatro_train.checkpoint import load_checkpoint
-from balatro_train.enroll import enroll
+from balatro_train.enroll import enroll, enrolment_views
 from balatro_train.inference import Recognizer
 from balatro_train.labels import read_labels
 from balatro_train.quality import mean_ci
@@ -103,8 +104,8 @@ def seed_result(job: Path) -> dict | None:
         chosen = {card: [files[i] for i in rng.permutation(len(files))] for card, files in by_card.items()}
         enrol_files = [f for files in chosen.values() for f in files[:shots]]
         test_files = [f for files in chosen.values() for f in files[shots:]]
-        enrolled, _ = enroll(state, recognizer.embeddings([images[f] for f in enrol_files]),
-                             [samples[f].meta for f in enrol_files])
+        enrolled, _ = enroll(state, *embedded(recognizer, [images[f] for f in enrol_files],
+                                              [samples[f].meta for f in enrol_files]))
         after = Recognizer(enrolled, "cpu")
         result[f"enrolled_top1_{shots}shot"] = top1_and_scores(after, test_files)[0].mean().item()
         result[f"known_top1_change_{shots}shot"] = top1_and_scores(after, known)[0].mean().item() - result["known_top1"]
@@ -112,10 +113,16 @@ def seed_result(job: Path) -> dict | None:
     for files in by_card.values():
         started = time.perf_counter()
         shots = [recognizer.preprocessing.load(samples[f].path) for f in files[:3]]
-        enroll(state, recognizer.embeddings(shots), [samples[f].meta for f in files[:3]])
+        enroll(state, *embedded(recognizer, shots, [samples[f].meta for f in files[:3]]))
         seconds.append(time.perf_counter() - started)
     result["enrol_seconds_per_card"] = float(np.mean(seconds))
     return result
+
+
+def embedded(recognizer: Recognizer, images: list, values: list[dict]) -> tuple[dict, list[dict]]:
+    """What `python -m balatro_train.enroll` embeds for these screenshots (its default views), and their values."""
+    views, values = enrolment_views(images, values)
+    return recognizer.embeddings(views), values
 
 
 def write_report(sweep_dir: Path) -> dict:
