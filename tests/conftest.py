@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,11 @@ from PIL import Image
 from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint
 from balatro_train.config import CONFIG_DIR
 from balatro_train.data import build_data
+
+try:
+    import fcntl
+except ImportError:  # Windows: each xdist worker makes its own copy of a shared fixture's folder
+    fcntl = None
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["Joker_001", "Joker_002", "The Fool", "Mercury"]
@@ -107,6 +113,24 @@ def run_cli(args: list[str], cwd: Path, module: str = "balatro_train", check: bo
 def run_dirs(cwd: Path) -> list[Path]:
     """Single-run folders, oldest first (outputs/<date>/<time>/)."""
     return sorted(p for p in (cwd / "outputs").glob("*/*") if (p / ".hydra").is_dir() and "multirun" not in p.parts)
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """The folder `name`, filled by `make(folder)` once per test session and shared by the tests of a
+    module-scoped fixture: under pytest-xdist the first worker makes it, the others wait and reuse it."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER") and fcntl is not None:
+        shared = shared.parent  # pytest-N/: this session's workers, no other session's
+    work = shared / name
+    with open(shared / f"{name}.lock", "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (work / ".made").is_file():
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            make(work)
+            (work / ".made").touch()
+    return work
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import warnings
 from types import SimpleNamespace
 
@@ -21,12 +19,7 @@ from balatro_train.export import export
 from balatro_train.inference import Recognizer
 from balatro_train.preprocessing import load_image
 from balatro_train.predict import find_images, predict
-from conftest import run_cli, run_dirs, tiny_overrides, write_dataset
-
-try:
-    import fcntl
-except ImportError:  # Windows: each xdist worker trains its own model
-    fcntl = None
+from conftest import made_once, run_cli, run_dirs, tiny_overrides, write_dataset
 
 TASKS = ("identification", "modifier")
 
@@ -51,24 +44,17 @@ CONFIDENT = ["scheduler=cosine", "optimizer.weight_decay=0", "tasks.identificati
 def trained(tmp_path_factory):
     """One tiny model (32 px, 2 epochs) and the predict CLI's output on its images, shared by every test
     here. Under pytest-xdist the first worker makes them and the others wait for it and reuse them."""
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER") and fcntl is not None:
-        shared = shared.parent  # pytest-N/: this session's workers, no other session's
-    work = shared / "inference_model"
-    with open(shared / "inference_model.lock", "w") as lock:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (work / "predictions.json").is_file():
-            shutil.rmtree(work, ignore_errors=True)
-            data = write_dataset(work / "labelled")
-            # Sure enough of its answers after two epochs for labels to pass predict's threshold of 0.3:
-            # no warmup, no label smoothing, no weight decay (AdamW is then Adam).
-            run_cli([*tiny_overrides(data, work / "labelled"), "trainer.epochs=2", "publish_to=null", *CONFIDENT],
-                    cwd=work)
-            # logging goes to stderr, so stdout is pure JSON; threshold=0.3 only filters "labels"
-            result = run_cli([f"checkpoint={run_dirs(work)[0]}", f"images={work / 'labelled/dataset_default'}",
-                              "topk=3", "threshold=0.3"], cwd=work, module="balatro_train.predict")
-            (work / "predictions.json").write_text(result.stdout)
+    def make(work):
+        data = write_dataset(work / "labelled")
+        # Sure enough of its answers after two epochs for labels to pass predict's threshold of 0.3:
+        # no warmup, no label smoothing, no weight decay (AdamW is then Adam).
+        run_cli([*tiny_overrides(data, work / "labelled"), "trainer.epochs=2", "publish_to=null", *CONFIDENT], cwd=work)
+        # logging goes to stderr, so stdout is pure JSON; threshold=0.3 only filters "labels"
+        result = run_cli([f"checkpoint={run_dirs(work)[0]}", f"images={work / 'labelled/dataset_default'}",
+                          "topk=3", "threshold=0.3"], cwd=work, module="balatro_train.predict")
+        (work / "predictions.json").write_text(result.stdout)
+
+    work = made_once(tmp_path_factory, "inference_model", make)
     [run] = run_dirs(work)
     state = load_checkpoint(run / "checkpoints" / "best.pt")
     root = work / "labelled"
