@@ -57,8 +57,7 @@ def main(cfg: DictConfig) -> None:
         raise UserError(f"out={out} is the input checkpoint; give another out=, or add overwrite=true to replace it")
     recognizer = Recognizer(state, cfg.device, cfg.batch_size)
     paths, values = screenshots(cfg)
-    images, values = enrolment_views([recognizer.preprocessing.load(path) for path in paths], values,
-                                     cfg.negative_view)
+    images, values = enrolment_views([load(recognizer, path) for path in paths], values, cfg.negative_view)
     enrolled, added = enroll(state, recognizer.embeddings(images), values)
     save_checkpoint(enrolled, [out])
     log.info("%d screenshots%s: %s in %.1f s; wrote %s", len(paths), " and their inverted views" if cfg.negative_view
@@ -84,6 +83,14 @@ def screenshots(cfg: DictConfig) -> tuple[list[Path], list[dict]]:
               if key not in CLI_KEYS and value is not None}
     paths = find_images(cfg.images)
     return paths, [fields] * len(paths)
+
+
+def load(recognizer: Recognizer, path: Path) -> np.ndarray:
+    """A screenshot prepared as validation prepared the checkpoint's images; a broken file stops the enrolment."""
+    try:
+        return recognizer.preprocessing.load(path)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}); fix it or leave it out") from None
 
 
 def enrolment_views(images: list[np.ndarray], values: list[dict], negative_view: bool = True
