@@ -52,7 +52,7 @@ def predict(cfg: DictConfig) -> dict:
         raise UserError(f"threshold={cfg.threshold} must be a probability between 0 and 1")
     checkpoint = resolve_checkpoint(cfg.checkpoint)  # first: the cheaper mistake to report
     paths = find_images(cfg.images)
-    recognizer = Recognizer.from_checkpoint(checkpoint, cfg.device, cfg.batch_size, cfg.unknown_threshold)
+    recognizer = Recognizer.from_checkpoint(checkpoint, cfg.device, cfg.batch_size, cfg.get("unknown_threshold"))
     images, kept = [], []
     for path in paths:
         try:
