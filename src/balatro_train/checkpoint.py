@@ -167,7 +167,7 @@ def check_compatible(checkpoint: dict, cfg, key: str) -> None:
 def heads_of(config: dict) -> dict:
     """{task: its head's config} of a run config (the linear head where a saved config names none)."""
     heads = {"linear": LINEAR_HEAD, **(config.get("heads") or {})}
-    return {task: heads.get(t.get("head", "linear")) for task, t in config["tasks"].items()}
+    return {task: heads.get(t.get("head", "linear")) for task, t in (config.get("tasks") or {}).items()}
 
 
 def rng_state() -> dict:

@@ -154,7 +154,7 @@ def head_factories(config) -> dict[str, HeadFactory]:
     before heads existed name none: their tasks get the linear head, which is always there."""
     heads = {"linear": LINEAR_HEAD, **(config.get("heads") or {})}
     factories = {}
-    for task, task_cfg in config["tasks"].items():
+    for task, task_cfg in (config.get("tasks") or {}).items():
         name = task_cfg.get("head", "linear")
         if name not in heads:
             raise UserError(f"tasks.{task}.head={name} is not one of the heads ({', '.join(heads) or 'none defined'}); "

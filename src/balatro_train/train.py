@@ -181,7 +181,7 @@ def validate(model, loader, loss_fns, metrics, forward, device, bar=iter):
     this process's predictions with their probabilities."""
     model.eval()
     loss_means = new_loss_means(loss_fns, device)
-    top_logits = {task: CatMetric().to(device) for task in loss_fns}
+    top_logits = {task: CatMetric(nan_strategy="disable").to(device) for task in loss_fns}
     predictions, confidences = {task: [] for task in loss_fns}, {task: [] for task in loss_fns}
     for metric in metrics.values():
         metric.reset()
@@ -200,7 +200,7 @@ def validate(model, loader, loss_fns, metrics, forward, device, bar=iter):
             {task: metric.compute() for task, metric in metrics.items()},
             {task: torch.cat(p).cpu() for task, p in predictions.items()},
             {task: torch.cat(p).cpu() for task, p in confidences.items()},
-            {task: values.compute().reshape(-1).cpu() for task, values in top_logits.items()})
+            {task: torch.as_tensor(values.compute()).reshape(-1).cpu() for task, values in top_logits.items()})
 
 
 # ---- set-up, and what the loop does besides the steps ------------------------------------------------
