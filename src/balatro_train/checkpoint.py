@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from balatro_train.errors import UserError
-from balatro_train.model import LINEAR_HEAD, build_model, head_factories
+from balatro_train.model import build_model, head_configs, head_factories
 from balatro_train.preprocessing import Preprocessing
 
 # 2: the model normalises its uint8 input itself (model.ImageInput); format 1 models expected their
@@ -152,7 +152,7 @@ def check_compatible(checkpoint: dict, cfg, key: str) -> None:
     if checkpoint["fields"] != fields:
         raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint was trained for tasks {checkpoint['fields']}, "
                         f"this run has {fields}; pick the same task=...")
-    saved_heads, these_heads = heads_of(checkpoint["config"]), heads_of(OmegaConf.to_container(cfg, resolve=True))
+    saved_heads, these_heads = head_configs(checkpoint["config"]), head_configs(OmegaConf.to_container(cfg, resolve=True))
     if saved_heads != these_heads:
         raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint's task heads are {saved_heads}, this run asks for "
                         f"{these_heads}; pick the same tasks.<task>.head (and heads.* keys)")
@@ -162,12 +162,6 @@ def check_compatible(checkpoint: dict, cfg, key: str) -> None:
     if saved_model != this_model:
         raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint holds a {saved_model} model, this run asks "
                         f"for {this_model}; pick the same model=... (and model.* keys)")
-
-
-def heads_of(config: dict) -> dict:
-    """{task: its head's config} of a run config (the linear head where a saved config names none)."""
-    heads = {"linear": LINEAR_HEAD, **(config.get("heads") or {})}
-    return {task: heads.get(t.get("head", "linear")) for task, t in (config.get("tasks") or {}).items()}
 
 
 def rng_state() -> dict:

@@ -52,6 +52,7 @@ def main(cfg: DictConfig) -> None:
     started = time.perf_counter()
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     state = load_checkpoint(checkpoint, "checkpoint")
+    embedding_tasks(state, f"checkpoint={checkpoint}")  # before reading any screenshot
     out = Path(cfg.out) if cfg.out else checkpoint.with_name(f"{checkpoint.stem}_enrolled.pt")
     if out.resolve() == checkpoint.resolve() and not cfg.overwrite:
         raise UserError(f"out={out} is the input checkpoint; give another out=, or add overwrite=true to replace it")
@@ -104,14 +105,20 @@ def enrolment_views(images: list[np.ndarray], values: list[dict], negative_view:
             [value for value in values for _ in range(2)])
 
 
+def embedding_tasks(state: dict, source: str = "checkpoint") -> list[str]:
+    """The checkpoint's tasks whose head holds prototypes (a cosine head): those that can enrol cards."""
+    tasks = [task for task in state["class_names"] if f"heads.{task}.scale" in state["model"]]
+    if not tasks:
+        raise UserError(f"{source}: none of its tasks has an embedding head, so cards cannot be enrolled "
+                        f"without training; train with tasks.identification.head=cosine")
+    return tasks
+
+
 def enroll(state: dict, embeddings: dict[str, torch.Tensor], values: list[dict]) -> tuple[dict, list[str]]:
     """A copy of checkpoint `state` with the screenshots' cards enrolled into every embedding-head task;
     `embeddings` are theirs per task (`Recognizer.embeddings`), `values` their field values (the
     labels entries). Returns it and a line per card and task saying what was done."""
-    tasks = [task for task in state["class_names"] if f"heads.{task}.scale" in state["model"]]
-    if not tasks:
-        raise UserError("checkpoint: none of its tasks has an embedding head, so cards cannot be enrolled "
-                        "without training; train with tasks.identification.head=cosine")
+    tasks = embedding_tasks(state)
     weights, class_names = dict(state["model"]), {task: list(names) for task, names in state["class_names"].items()}
     enrolled = {task: dict(counts) for task, counts in (state.get("enrolled") or {}).items()}
     cards, done = dict(state.get("cards") or {}), []

@@ -148,19 +148,24 @@ def build_model(model_cfg, class_names: dict[str, list[str]], state_dict: dict |
     return model.use_channels_last()
 
 
-def head_factories(config) -> dict[str, HeadFactory]:
-    """{task: what builds its head} from a run config (composed, or a checkpoint's saved one):
+def head_configs(config) -> dict:
+    """{task: the config of its head} from a run config (composed, or a checkpoint's saved one):
     tasks.<task>.head names a `_partial_` node of `heads` (conf/heads/standard.yaml). Configs written
     before heads existed name none: their tasks get the linear head, which is always there."""
     heads = {"linear": LINEAR_HEAD, **(config.get("heads") or {})}
-    factories = {}
+    chosen = {}
     for task, task_cfg in (config.get("tasks") or {}).items():
         name = task_cfg.get("head", "linear")
         if name not in heads:
             raise UserError(f"tasks.{task}.head={name} is not one of the heads ({', '.join(heads) or 'none defined'}); "
                             f"pick one of those, or define heads.{name}")
-        factories[task] = instantiate(heads[name])
-    return factories
+        chosen[task] = heads[name]
+    return chosen
+
+
+def head_factories(config) -> dict[str, HeadFactory]:
+    """{task: what builds its head} (see head_configs)."""
+    return {task: instantiate(head) for task, head in head_configs(config).items()}
 
 
 def freeze_backbone(model: CardNet, trainable: list[str] | None) -> CardNet:
