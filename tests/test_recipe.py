@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -14,7 +15,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint
-from balatro_train.data import build_data
+from balatro_train.data import CardDataset, build_data
 from balatro_train.errors import Interrupted, UserError, user_error_in
 from balatro_train.model import build_model
 from balatro_train.train import train
@@ -140,3 +141,15 @@ def test_a_wrong_weights_file_is_named_in_one_line(tmp_path, content, message):
         build_model(compose([SMALL, f"model.weights={path}"]).model, CLASSES)
     assert str(user_error_in(error.value)).startswith(f"model.weights={path}: {message}")
     assert "\n" not in str(user_error_in(error.value))
+
+
+def test_the_transforms_of_a_pipeline_draw_independently_for_an_image():
+    """Two inversions at p=0.5: with each transform seeded alike (albumentations' set_random_seed) both
+    or neither would apply, and the image would never change."""
+    import albumentations
+
+    image = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    twice = albumentations.Compose([albumentations.InvertImg(p=0.5), albumentations.InvertImg(p=0.5)])
+    dataset = CardDataset(image[None], {"identification": torch.tensor([0])}, twice)
+    inverted = [not torch.equal(dataset[(0, seed)][0], torch.from_numpy(image)) for seed in range(200)]
+    assert 0.35 < sum(inverted) / len(inverted) < 0.65

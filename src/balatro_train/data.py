@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,7 +112,10 @@ class CardDataset(Dataset):
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, 0)
-        self.pipeline.set_random_seed(seed)
+        # One pair of generators per image, drawn from in turn by every transform. (Compose's own
+        # set_random_seed seeds each transform alike, so their draws would repeat one another: every
+        # image whose brightness changes would also be moved, and by a correlated amount.)
+        self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
         image = np.ascontiguousarray(self.pipeline(image=self.images[index])["image"])  # uint8 (H, W, 3)
         return torch.from_numpy(image), {task: targets[index] for task, targets in self.targets.items()}
 
