@@ -1,5 +1,6 @@
 """The recipe's ingredients, each a config key: the warmup-then-cosine schedule, label smoothing, the
-EMA of the weights (validated and saved as the model, resumed exactly) and a local weights file."""
+EMA of the weights (validated and saved as the model, resumed exactly), a local weights file and the
+recolouring that only the card's identity learns from."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint
 from balatro_train.data import CardDataset, build_data
+from balatro_train.embedding import IGNORE, MarginCrossEntropyLoss
 from balatro_train.errors import Interrupted, UserError, user_error_in
 from balatro_train.model import build_model
 from balatro_train.train import train
@@ -143,6 +145,30 @@ def test_a_wrong_weights_file_is_named_in_one_line(tmp_path, content, message):
     assert "\n" not in str(user_error_in(error.value))
 
 
+# ---- recolouring: identity learns that a Polychrome or Negative card is the same card --------------
+
+def test_a_recoloured_training_image_keeps_its_identity_label_and_the_modifier_skips_it(tiny_cfg):
+    data = build_data(tiny_cfg("data.recolour=1.0"))
+    plain = build_data(tiny_cfg("data.recolour=0")).train
+    assert data.train.recolouring.ignored_by == ("modifier",)
+    for index in range(len(data.train)):
+        image, targets = data.train[(index, 1000 + index)]
+        unchanged, plain_targets = plain[(index, 1000 + index)]
+        assert targets["identification"] == plain_targets["identification"]
+        assert targets["modifier"] == IGNORE and plain_targets["modifier"] != IGNORE
+        assert image.dtype == torch.uint8 and image.shape == unchanged.shape
+        assert not torch.equal(image, unchanged)  # recoloured after the same geometric augmentation
+        assert torch.equal(image, data.train[(index, 1000 + index)][0])  # the seed decides it: resumes exactly
+
+
+def test_recolour_is_the_share_of_images_recoloured_and_is_off_when_no_task_is_colour_invariant(tiny_cfg):
+    train = build_data(tiny_cfg("data.recolour=0.3")).train
+    skipped = [train[(0, seed)][1]["modifier"] == IGNORE for seed in range(400)]
+    assert 0.22 < sum(skipped) / len(skipped) < 0.38
+    assert build_data(tiny_cfg("data.recolour=0.3", "task=modifier")).train.recolouring is None
+    assert build_data(tiny_cfg("data.recolour=0")).train.recolouring is None
+
+
 def test_the_transforms_of_a_pipeline_draw_independently_for_an_image():
     """Two inversions at p=0.5: with each transform seeded alike (albumentations' set_random_seed) both
     or neither would apply, and the image would never change."""
@@ -153,3 +179,27 @@ def test_the_transforms_of_a_pipeline_draw_independently_for_an_image():
     dataset = CardDataset(image[None], {"identification": torch.tensor([0])}, twice)
     inverted = [not torch.equal(dataset[(0, seed)][0], torch.from_numpy(image)) for seed in range(200)]
     assert 0.35 < sum(inverted) / len(inverted) < 0.65
+
+
+@pytest.mark.parametrize("override, key", [("data.recolour=1.5", "data.recolour=1.5"),
+                                           ("data.recolour_transforms=sparkle", "data.recolour_transforms=sparkle")])
+def test_an_impossible_recolouring_is_named(tiny_cfg, tmp_path, override, key):
+    with pytest.raises(UserError, match=key):
+        train(tiny_cfg("data.recolour=0.3", override), tmp_path / "run")
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.6])
+def test_the_loss_is_torchs_weighted_smoothed_mean_over_the_images_a_task_learns_from(margin):
+    torch.manual_seed(0)
+    logits, target, weight = torch.randn(8, 5), torch.randint(0, 5, (8,)), torch.rand(5) + 0.1
+    target[:3] = IGNORE
+    shifted = logits.clone()
+    shifted[torch.arange(3, 8), target[3:]] -= margin
+    expected = nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)(shifted, target)
+    assert MarginCrossEntropyLoss(margin, weight=weight, label_smoothing=0.1)(logits, target) == \
+        pytest.approx(expected.item(), rel=1e-5)
+    # A batch the task learns nothing from: 0 and no gradient (torch's mean would be NaN)
+    logits.requires_grad_(True)
+    loss = MarginCrossEntropyLoss(margin, weight=weight, label_smoothing=0.1)(logits, torch.full((8,), IGNORE))
+    loss.backward()
+    assert loss.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))

@@ -36,6 +36,8 @@ class DataConfig:
     background: list[int] = field(default_factory=lambda: [0, 0, 0])
     on_bad_image: str = "error"
     held_out_cards: int = 0
+    recolour: float = 0.0
+    recolour_transforms: str = "recolour"
 
 
 @dataclass
@@ -63,6 +65,7 @@ class TaskConfig:
     label_smoothing: float = 0.1
     head: str = "linear"          # a name in `heads` (conf/heads/standard.yaml)
     accept_known: float = 0.95    # embedding heads: share of known validation images "unknown" must accept
+    colour_invariant: bool = False  # the label survives a hue rotation or an inversion (data.recolour)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # `field` is taken above
 
 
@@ -125,6 +128,11 @@ def check_config(cfg) -> None:
         raise UserError(f"data.background={list(d.background)} must be three values from 0 to 255")
     if d.held_out_cards < 0:
         raise UserError(f"data.held_out_cards={d.held_out_cards} must be 0 (train on every card) or more")
+    if not 0.0 <= d.recolour <= 1.0:
+        raise UserError(f"data.recolour={d.recolour} must lie between 0 (off) and 1")
+    if d.recolour and d.recolour_transforms not in cfg.transforms:
+        raise UserError(f"data.recolour_transforms={d.recolour_transforms} is not a pipeline of transforms "
+                        f"(available: {', '.join(cfg.transforms)})")
     if d.on_bad_image not in ("error", "skip"):
         raise UserError(f"data.on_bad_image={d.on_bad_image} must be error or skip")
     if t.batch_size < 2:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from balatro_train.embedding import IGNORE
 from balatro_train.errors import UserError
 from balatro_train.labels import Sample, check_fields, check_unique_files, class_names_of, read_labels
 from balatro_train.preprocessing import Preprocessing, load_image
@@ -96,16 +97,28 @@ def hold_out_cards(originals: list[Sample], field: str, cards: int, seed: int) -
     return sorted(file for i in chosen for file in by_class[eligible[i]])
 
 
+@dataclass
+class Recolouring:
+    """An augmentation for the tasks that colour does not decide: with probability `p` a training
+    image is also passed through `pipeline` (a hue rotation or a colour inversion, which would turn one
+    edition into another), and the tasks in `ignored_by` (the modifier) skip that image (target IGNORE)
+    while the others (the card's identity) learn that a Polychrome or Negative card is still that card."""
+    pipeline: object
+    p: float
+    ignored_by: tuple[str, ...]
+
+
 class CardDataset(Dataset):
     """Pre-decoded uint8 images plus one integer target per task.
 
-    Items are requested as (index, seed): the seed re-seeds the albumentations pipeline, so
-    an image's augmentation depends only on the sampler's draw, not on worker processes,
-    and an interrupted run resumes with exactly the same augmentations.
+    Items are requested as (index, seed): the seed re-seeds the albumentations pipeline (and decides
+    the recolouring), so an image's augmentation depends only on the sampler's draw, not on worker
+    processes, and an interrupted run resumes with exactly the same augmentations.
     """
 
-    def __init__(self, images: np.ndarray, targets: dict[str, torch.Tensor], pipeline):
-        self.images, self.targets, self.pipeline = images, targets, pipeline
+    def __init__(self, images: np.ndarray, targets: dict[str, torch.Tensor], pipeline,
+                 recolouring: Recolouring | None = None):
+        self.images, self.targets, self.pipeline, self.recolouring = images, targets, pipeline, recolouring
 
     def __len__(self) -> int:
         return len(self.images)
@@ -115,9 +128,16 @@ class CardDataset(Dataset):
         # One pair of generators per image, drawn from in turn by every transform. (Compose's own
         # set_random_seed seeds each transform alike, so their draws would repeat one another: every
         # image whose brightness changes would also be moved, and by a correlated amount.)
-        self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
-        image = np.ascontiguousarray(self.pipeline(image=self.images[index])["image"])  # uint8 (H, W, 3)
-        return torch.from_numpy(image), {task: targets[index] for task, targets in self.targets.items()}
+        numpy_random, python_random = np.random.default_rng(seed), random.Random(seed)
+        self.pipeline.set_random_state(numpy_random, python_random)
+        image = self.pipeline(image=self.images[index])["image"]
+        targets = {task: targets[index] for task, targets in self.targets.items()}
+        recolour = self.recolouring
+        if recolour is not None and python_random.random() < recolour.p:
+            recolour.pipeline.set_random_state(numpy_random, python_random)
+            image = recolour.pipeline(image=image)["image"]
+            targets.update({task: torch.tensor(IGNORE) for task in recolour.ignored_by})
+        return torch.from_numpy(np.ascontiguousarray(image)), targets  # uint8 (H, W, 3)
 
 
 class EpochSampler(Sampler):
@@ -251,11 +271,22 @@ def build_data(cfg, class_names: dict[str, list[str]] | None = None,
                                          instantiate(cfg.transforms[first.val_transforms]))
     train = CardDataset(images[[row[s.file] for s in train_samples]],
                         {task: t["train"] for task, t in targets.items()},
-                        instantiate(cfg.transforms[first.train_transforms]))
+                        instantiate(cfg.transforms[first.train_transforms]), recolouring(cfg))
     val = CardDataset(images[[row[s.file] for s in val_samples]],
                       {task: t["val"] for task, t in targets.items()}, preprocessing.pipeline())
     return Data(train, val, dict(class_names), split, [str(s.meta[stratify_field]) for s in train_samples],
                 skipped=bad, preprocessing=preprocessing)
+
+
+def recolouring(cfg) -> Recolouring | None:
+    """data.recolour for the run's tasks: None when it is 0 or when every task reads colour."""
+    from hydra.utils import instantiate
+
+    invariant = [task for task, t in cfg.tasks.items() if t.colour_invariant]
+    if not cfg.data.recolour or not invariant:
+        return None
+    return Recolouring(instantiate(cfg.transforms[cfg.data.recolour_transforms]), cfg.data.recolour,
+                       tuple(task for task in cfg.tasks if task not in invariant))
 
 
 def make_loaders(cfg, data: Data, device: torch.device, rank: int = 0, world: int = 1) -> tuple[DataLoader, DataLoader]:

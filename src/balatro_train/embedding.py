@@ -52,24 +52,35 @@ def is_embedding_head(head: nn.Module) -> bool:
     return isinstance(head, CosineClassifier)
 
 
-class MarginCrossEntropyLoss(nn.CrossEntropyLoss):
-    """Cross-entropy over logits whose true class is lowered by `margin` first (CosFace: `margin` is the
-    cosine margin times the head's scale)."""
+IGNORE = -100  # the target of an image a task does not learn from (torch's ignore_index)
 
-    def __init__(self, margin: float, **options):
-        super().__init__(**options)
+
+class MarginCrossEntropyLoss(nn.CrossEntropyLoss):
+    """nn.CrossEntropyLoss (class weights, label smoothing, the mean over images) over logits whose true
+    class is lowered by `margin` first (CosFace: `margin` is the cosine margin times the head's scale;
+    0 for a linear head). Targets IGNORE count for nothing (a modifier label on a recoloured image,
+    data.recolour), and a batch of only those gives 0 where torch's mean would give NaN."""
+
+    def __init__(self, margin: float = 0.0, **options):
+        super().__init__(ignore_index=IGNORE, **options)
         self.margin = margin
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return super().forward(logits - self.margin * F.one_hot(target, logits.shape[1]).to(logits.dtype), target)
+        learns = target != IGNORE
+        true_class = torch.where(learns, target, 0)
+        if self.margin:
+            logits = logits - self.margin * (F.one_hot(true_class, logits.shape[1]) * learns[:, None]).to(logits.dtype)
+        per_image = F.cross_entropy(logits, target, weight=self.weight, ignore_index=IGNORE, reduction="none",
+                                    label_smoothing=self.label_smoothing)
+        # torch's weighted mean, without a host sync to test for an empty batch
+        weights = learns.to(per_image.dtype) if self.weight is None else self.weight[true_class] * learns
+        return per_image.sum() / weights.sum().clamp(min=1e-12)
 
 
 def task_loss(head: nn.Module, weight: torch.Tensor | None, label_smoothing: float) -> nn.Module:
     """The loss of a task's head: cross-entropy, with CosFace's margin for a cosine head that has one."""
     margin = float(head.margin * head.scale) if is_embedding_head(head) else 0.0
-    if margin:
-        return MarginCrossEntropyLoss(margin, weight=weight, label_smoothing=label_smoothing)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+    return MarginCrossEntropyLoss(margin, weight=weight, label_smoothing=label_smoothing)
 
 
 def unknown_threshold(max_cosines: torch.Tensor, accept: float) -> float:
