@@ -39,4 +39,5 @@ def test_default_composition(cfg):
     assert cfg.scheduler._target_ == "balatro_train.optim.warmup_cosine" and cfg.scheduler.epochs == cfg.trainer.epochs
     assert cfg.trainer.ema_decay == 0.99
     assert cfg.tasks.identification.label_smoothing == cfg.tasks.modifier.label_smoothing == 0.1
+    assert cfg.data.recolour == 0.3  # identification learns from recoloured images, the modifier skips them
     assert cfg.tasks.identification.colour_invariant and not cfg.tasks.modifier.colour_invariant

@@ -36,7 +36,7 @@ class DataConfig:
     background: list[int] = field(default_factory=lambda: [0, 0, 0])
     on_bad_image: str = "error"
     held_out_cards: int = 0
-    recolour: float = 0.0
+    recolour: float = 0.3
     recolour_transforms: str = "recolour"
 
 

@@ -64,7 +64,8 @@ def main_values(cfg) -> dict[str, Any]:
     """The numbers every run reports in HPARAMS, whether or not they were chosen on the command line."""
     values = {"seed": cfg.seed, "data.image_size": cfg.data.image_size, "trainer.batch_size": cfg.trainer.batch_size,
               "trainer.epochs": cfg.trainer.epochs, "trainer.precision": cfg.trainer.precision,
-              "data.weighted_sampler": cfg.data.weighted_sampler, "model.backbone": cfg.model.get("backbone"),
+              "data.weighted_sampler": cfg.data.weighted_sampler, "data.recolour": cfg.data.recolour,
+              "model.backbone": cfg.model.get("backbone"),
               "optimizer.optimizer": cfg.optimizer.get("optimizer")}
     values.update({f"optimizer.{k}": v for k, v in cfg.optimizer.items() if k.startswith("lr")})
     return {k: hparam_value(v) for k, v in values.items() if v is not None}
