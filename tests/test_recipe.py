@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -16,17 +17,19 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint
-from balatro_train.data import CardDataset, build_data
+from balatro_train.data import CardDataset, build_data, make_loaders
+from balatro_train.device import autocast
 from balatro_train.embedding import IGNORE, MarginCrossEntropyLoss
 from balatro_train.errors import Interrupted, UserError, user_error_in
 from balatro_train.model import build_model
-from balatro_train.train import train
+from balatro_train.train import start_model, train, train_one_epoch
 from conftest import compose, read_metrics, validation_outputs
 from test_robustness import StopAfterSteps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training beside another xdist worker
 
 SMALL = "model.backbone=mobilenet_v3_small"
+CPU = torch.device("cpu")
 CLASSES = {"identification": ["a", "b", "c"], "modifier": ["Base", "Foil"]}
 
 
@@ -182,10 +185,42 @@ def test_the_transforms_of_a_pipeline_draw_independently_for_an_image():
 
 
 @pytest.mark.parametrize("override, key", [("data.recolour=1.5", "data.recolour=1.5"),
+                                           ("data.recolour=1.0", "data.recolour=1.0 leaves task modifier"),
                                            ("data.recolour_transforms=sparkle", "data.recolour_transforms=sparkle")])
 def test_an_impossible_recolouring_is_named(tiny_cfg, tmp_path, override, key):
     with pytest.raises(UserError, match=key):
         train(tiny_cfg("data.recolour=0.3", override), tmp_path / "run")
+
+
+def test_a_tasks_training_loss_is_its_mean_over_the_images_it_learned_from(tiny_cfg):
+    """The modifier skips the recoloured images of a batch: the epoch's mean must not count them as zeros.
+    At lr 0 the model stays what it was, so the same batches (the sampler's epoch decides them, and
+    their augmentation) give the same per-batch losses again."""
+    cfg = tiny_cfg("data.recolour=0.5", "optimizer.lr=0")
+    built = build_data(cfg)
+    model = start_model(cfg, built.class_names, None)
+    loss_fns = {task: MarginCrossEntropyLoss() for task in built.class_names}
+    train_loader, _ = make_loaders(cfg, built, CPU)
+    train_loader.sampler.set_epoch(1)
+    _, means = train_one_epoch(model, train_loader, instantiate(cfg.optimizer)(model),
+                               torch.amp.GradScaler("cpu", enabled=False), loss_fns, autocast(CPU, None), CPU,
+                               threading.Event(), desc="lr 0")
+    sums = {task: {"learned": 0.0, "batch": 0.0} for task in loss_fns}
+    counts = {task: {"learned": 0, "batch": 0} for task in loss_fns}
+    with torch.no_grad():
+        for images, targets in train_loader:
+            outputs = model(images)
+            for task, fn in loss_fns.items():
+                loss, learned = fn(outputs[task], targets[task]).item(), int((targets[task] != IGNORE).sum())
+                for kind, n in (("learned", learned), ("batch", len(images))):
+                    sums[task][kind] += loss * n
+                    counts[task][kind] += n
+    for task, mean in means.items():
+        assert mean.compute().item() == pytest.approx(sums[task]["learned"] / counts[task]["learned"], rel=1e-4)
+    # the modifier skipped some images, so counting them would have given another figure
+    assert counts["modifier"]["learned"] < counts["modifier"]["batch"]
+    assert sums["modifier"]["batch"] / counts["modifier"]["batch"] != pytest.approx(
+        sums["modifier"]["learned"] / counts["modifier"]["learned"], rel=1e-3)
 
 
 @pytest.mark.parametrize("margin", [0.0, 1.6])

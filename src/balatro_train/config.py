@@ -130,6 +130,10 @@ def check_config(cfg) -> None:
         raise UserError(f"data.held_out_cards={d.held_out_cards} must be 0 (train on every card) or more")
     if not 0.0 <= d.recolour <= 1.0:
         raise UserError(f"data.recolour={d.recolour} must lie between 0 (off) and 1")
+    reads_colour = [name for name, task in cfg.tasks.items() if not task.colour_invariant]
+    if d.recolour == 1.0 and 0 < len(reads_colour) < len(cfg.tasks):  # every image recoloured, so skipped by these
+        raise UserError(f"data.recolour=1.0 leaves task {reads_colour[0]} (not colour-invariant) no image to "
+                        "learn from: use a share below 1")
     if d.recolour and d.recolour_transforms not in cfg.transforms:
         raise UserError(f"data.recolour_transforms={d.recolour_transforms} is not a pipeline of transforms "
                         f"(available: {', '.join(cfg.transforms)})")

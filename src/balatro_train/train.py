@@ -31,7 +31,7 @@ from balatro_train.checkpoint import Progress, check_compatible, load_checkpoint
 from balatro_train.config import CONFIG_DIR, check_config, typed_config
 from balatro_train.data import build_data, make_loaders
 from balatro_train.device import autocast, resolve_precision, start_process
-from balatro_train.embedding import task_loss, unknown_thresholds
+from balatro_train.embedding import IGNORE, task_loss, unknown_thresholds
 from balatro_train.progress import TrainingProgress
 from balatro_train.run_log import HParams, RunLog, epoch_row, log_epoch, write_predictions
 from balatro_train.errors import UserError
@@ -160,13 +160,15 @@ def train_one_epoch(model, loader, optimizer, scaler, loss_fns, forward, device,
     loss_means = loss_means or new_loss_means(loss_fns, device)
     progress = progress or TrainingProgress(desc)
     for images, targets in progress.over(loader, seen):
+        # counted on the host, before the copy: a task skips the images whose target is IGNORE (data.recolour)
+        learned_from = {task: int((target != IGNORE).sum()) for task, target in targets.items()}
         images = images.to(device, non_blocking=True)
         targets = {task: target.to(device, non_blocking=True) for task, target in targets.items()}
         losses = training_step(model, images, targets, optimizer, scaler, loss_fns, forward)
         if averaged is not None:
             averaged.update_parameters(model)
-        for task, loss in losses.items():
-            loss_means[task].update(loss.detach().expand(len(images)))  # one value per image: weighted mean
+        for task, loss in losses.items():  # one value per image the task learned from: the epoch's mean
+            loss_means[task].update(loss.detach().expand(learned_from[task]))
         seen += len(images)
         progress.after_step(loss_means, seen)
         if stop_everywhere(stop, device):
