@@ -219,6 +219,16 @@ def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path):
             run()
 
 
+def test_enrolling_into_a_checkpoint_without_an_embedding_head_is_one_line_naming_it(trained, tmp_path):
+    """A linear head has no prototypes to add a card to: the CLI says so before reading any screenshot."""
+    result = run_cli([f"checkpoint={trained.checkpoint}", f"images={tmp_path / 'not_read.png'}", "name=Mercury",
+                      f"out={tmp_path / 'never.pt'}"], cwd=tmp_path, module="balatro_train.enroll", check=False)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert f"checkpoint={trained.checkpoint}: none of its tasks has an embedding head" in line
+    assert "tasks.identification.head=cosine" in line and not (tmp_path / "never.pt").exists()
+
+
 def test_export_refuses_an_unknown_format(tmp_path):
     with pytest.raises(UserError, match="format=tflite is not supported: use format=onnx or format=torchscript"):
         export(tmp_path / "any.pt", "tflite")
