@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from torch import nn
 
 from balatro_train.config import CONFIG_DIR, check_config, typed_config
 from balatro_train.data import build_data, make_loaders
 from balatro_train.device import autocast, resolve_device, resolve_precision
 from balatro_train.errors import exit_on_user_error
 from balatro_train.optim import weight_average
-from balatro_train.train import start_model, train_one_epoch, training_step
+from balatro_train.train import build_losses, start_model, train_one_epoch, training_step
 
 
 @exit_on_user_error
@@ -67,12 +66,12 @@ def run_benchmark(cfg, steps: int) -> dict:
         return (torch.compile(model) if cfg.trainer.compile else model, instantiate(cfg.optimizer)(model),
                 weight_average(model, cfg.trainer.ema_decay))
 
-    loss_fns = {task: nn.CrossEntropyLoss() for task in data.class_names}
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     batch, size = cfg.trainer.batch_size, cfg.data.image_size
 
     # (a) the bare step on a batch already on the device, as the loader delivers it (uint8 NHWC)
     model, optimizer, _ = fresh_model_and_optimizer()
+    loss_fns = build_losses(cfg, model.heads, data.class_names, device)  # the run's own losses
     model.train()
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
     targets = {t: torch.randint(0, len(n), (batch,), device=device) for t, n in data.class_names.items()}

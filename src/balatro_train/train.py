@@ -80,9 +80,7 @@ def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None,
     amp_dtype = resolve_precision(cfg.trainer.precision, process.device)
     scaler = torch.amp.GradScaler(process.device.type, enabled=amp_dtype == torch.float16)
     forward = autocast(process.device, amp_dtype)
-    loss_fns = {task: task_loss(model.heads[task], class_weights(task, cfg.tasks[task], names),
-                                cfg.tasks[task].label_smoothing).to(process.device)
-                for task, names in data.class_names.items()}
+    loss_fns = build_losses(cfg, model.heads, data.class_names, process.device)
     metrics = {task: build_metrics(task, cfg.tasks[task].metrics, len(names)).to(process.device)
                for task, names in data.class_names.items()}
     train_loader, val_loader = make_loaders(cfg, data, process.device, process.rank, process.world)
@@ -270,6 +268,12 @@ def stop_everywhere(stop: threading.Event, device: torch.device) -> bool:
     if flag.item():
         stop.set()
     return stop.is_set()
+
+
+def build_losses(cfg, heads, class_names: dict[str, list[str]], device) -> dict[str, torch.nn.Module]:
+    """Each task's loss (`embedding.task_loss` for its head) with its class weights and label smoothing."""
+    return {task: task_loss(heads[task], class_weights(task, cfg.tasks[task], names),
+                            cfg.tasks[task].label_smoothing).to(device) for task, names in class_names.items()}
 
 
 def class_weights(task: str, task_cfg, names: list[str]) -> torch.Tensor | None:
