@@ -216,7 +216,7 @@ def test_a_sweep_names_its_runs_after_the_swept_overrides_and_hparams_lists_them
         assert infos["optimizer"].type == api_pb2.DATA_TYPE_STRING
         assert infos["trainer.epochs"].type == api_pb2.DATA_TYPE_FLOAT64
         assert infos["data.weighted_sampler"].type == api_pb2.DATA_TYPE_BOOL
-        assert {"freeze", "scheduler", "model", "dataset", "task", "optimizer.lr", "data.image_size"} <= set(infos)
+        assert {"freeze", "scheduler", "model", "dataset", "task", "optimizer.lr", "data.image_size", "data.recolour"} <= set(infos)
         values = hparams_data(session, metadata.SESSION_START_INFO_TAG).session_start_info.hparams
         assert values["optimizer"].string_value == chosen.split("=")[1]
         assert values["trainer.epochs"].number_value == 1 and values["data.image_size"].number_value == 32
