@@ -14,6 +14,7 @@ import random
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ def split_samples(originals: list[Sample], augmented: list[Sample], field: str, 
     """
     by_class: dict[str, list[str]] = defaultdict(list)
     for sample in originals:
-        by_class[sample.meta[field]].append(sample.file)
+        by_class[str(sample.meta[field])].append(sample.file)  # as class names are made: a number is a name
     rng = np.random.default_rng(seed)
     val: set[str] = set()
     for label in sorted(by_class):
@@ -203,6 +204,9 @@ def build_data(cfg, class_names: dict[str, list[str]] | None = None,
         raise UserError(f"{ds.labels_file}: the dataset is empty; label some images first")
     augmented = [s for f in ds.augmented_labels_files for s in read_labels(f, ds.root, augmented=True)]
     check_fields(originals + augmented, tasks, [ds.labels_file, *ds.augmented_labels_files])
+    if class_names is None:  # before decoding every image: the labels alone decide it
+        refuse_single_class_tasks({task: class_names_of(originals + augmented, t.field) for task, t in tasks.items()},
+                                  tasks, ds.labels_file)
     check_unique_files(originals + augmented)
     known = {sample.file for sample in originals}
     for sample in augmented:
@@ -244,6 +248,7 @@ def build_data(cfg, class_names: dict[str, list[str]] | None = None,
     val_samples = [by_file[f] for f in split["val"]]
     if class_names is None:
         class_names = {task: class_names_of(originals + augmented, t.field) for task, t in tasks.items()}
+    refuse_single_class_tasks(class_names, tasks, ds.labels_file)  # again: skipped images may have left one
     targets = {}
     for task, t in tasks.items():
         index = {name: i for i, name in enumerate(class_names[task])}
@@ -276,6 +281,25 @@ def build_data(cfg, class_names: dict[str, list[str]] | None = None,
                       {task: t["val"] for task, t in targets.items()}, preprocessing.pipeline())
     return Data(train, val, dict(class_names), split, [str(s.meta[stratify_field]) for s in train_samples],
                 skipped=bad, preprocessing=preprocessing)
+
+
+def refuse_single_class_tasks(class_names: dict[str, list[str]], tasks, labels_file) -> None:
+    """A head with one class has nothing to tell apart (its metrics refuse num_classes=1)."""
+    for task, names in class_names.items():
+        if len(names) == 1:
+            instead = task_without(task, tasks)
+            raise UserError(f"task {task}: every image in {labels_file} has {tasks[task].field}={names[0]!r}, and a "
+                            f"task needs two classes or more; label other {tasks[task].field} values, or pick a task "
+                            f"without it{f' (e.g. task={instead})' if instead else ''}")
+
+
+def task_without(task: str, tasks) -> str | None:
+    """A config of conf/task/ to suggest instead of one holding `task`: another of the run's tasks, or
+    any other single-task file (multi holds every task)."""
+    from balatro_train.config import CONFIG_DIR
+
+    files = sorted(path.stem for path in (Path(CONFIG_DIR) / "task").glob("*.yaml"))
+    return next((name for name in [*tasks, *files] if name not in (task, "multi") and name in files), None)
 
 
 def recolouring(cfg) -> Recolouring | None:

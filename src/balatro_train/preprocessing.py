@@ -2,8 +2,9 @@
 
 Two stages, the same for validation, `Recognizer`, predict, evaluate and export:
 
-1. `to_square_rgb`: transparency composited on the background colour, then resized to
-   image_size x image_size, as uint8 RGB (done once per image, when a dataset is read);
+1. `to_square_rgb`: turned upright by its EXIF orientation, 16-bit grey scaled to 8 bits,
+   transparency composited on the background colour, then resized to image_size x image_size, as
+   uint8 RGB (done once per image, when a dataset is read);
 2. the validation pipeline (albumentations on uint8, saved with the checkpoint).
 
 What comes out is a uint8 (H, W, 3) array; the model's own input layer (`model.ImageInput`)
@@ -12,16 +13,29 @@ converts and normalises it on the device, so an exported model takes the same ui
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import albumentations as A
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
+
+
+SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit greyscale PNG
+
+
+class ImageTooLarge(ValueError):
+    """An image beyond Pillow's pixel limit (a possible decompression bomb): a ValueError, so that every
+    caller reports it like any other unreadable image."""
 
 
 def to_square_rgb(image: Image.Image, size: int, background) -> np.ndarray:
-    """Composite transparency on the background colour, then resize to size x size: a uint8 RGB array."""
+    """Upright by its EXIF orientation, 16-bit grey scaled to 8 bits, transparency composited on the
+    background colour, then resized to size x size: a uint8 RGB array."""
+    image = ImageOps.exif_transpose(image)  # a phone's JPEG stores its pixels sideways, and says so in EXIF
+    if image.mode in SIXTEEN_BIT_GREY:
+        image = to_8_bit_grey(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
         flat = Image.new("RGBA", image.size, (*background, 255))
@@ -31,11 +45,35 @@ def to_square_rgb(image: Image.Image, size: int, background) -> np.ndarray:
     return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on PIL's read-only view
 
 
+def to_8_bit_grey(image: Image.Image) -> Image.Image:
+    """16-bit grey as 8-bit "L" (or "LA" where the PNG names a transparent grey): Pillow's own
+    convert clips every value above 255, so all but the darkest pixels would come out white."""
+    values = np.asarray(image).astype(np.int64)
+    grey = Image.fromarray(np.clip(np.rint(values / 257), 0, 255).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        grey.putalpha(Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8)))
+    return grey
+
+
 def load_image(path: str | Path, size: int, background) -> np.ndarray:
-    """Decode any PNG/JPEG (RGB, RGBA, palette, grey) into a size x size uint8 RGB array."""
-    with Image.open(path) as image:
-        image.load()
-        return to_square_rgb(image, size, tuple(background))
+    """Decode any PNG/JPEG (RGB, RGBA, palette, 8- or 16-bit grey) into a size x size uint8 RGB array."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_square_rgb(image, size, tuple(background))
+    except Image.DecompressionBombError as e:  # not an OSError: callers would let it end in a traceback
+        raise ImageTooLarge(too_large_message(str(e))) from None
+
+
+def too_large_message(pillow_message: str) -> str:
+    """Pillow's "Image size (N pixels) exceeds limit of M pixels, ..." said as what to know."""
+    numbers = re.findall(r"\d+", pillow_message)
+    if len(numbers) < 2:
+        return pillow_message
+    pixels, limit = numbers[:2]
+    return (f"the image has {pixels} pixels, beyond Pillow's limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS "
+            f"guards against decompression bombs)")
 
 
 @dataclass(frozen=True)
