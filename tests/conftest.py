@@ -141,10 +141,11 @@ def dataset(tmp_path):
 
 # ---- the in-process layer: the runner's functions called directly on a composed config ----------
 
-def compose(overrides: list[str]) -> DictConfig:
-    """conf/train.yaml composed as `python -m balatro_train <overrides>` would, without Hydra's runtime."""
+def compose(overrides: list[str], hydra_config: bool = False) -> DictConfig:
+    """conf/train.yaml composed as `python -m balatro_train <overrides>` would, without Hydra's runtime
+    (with `hydra_config`, its `hydra` node too)."""
     with hydra.initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra.compose("train", overrides=overrides)
+        return hydra.compose("train", overrides=overrides, return_hydra_config=hydra_config)
 
 
 @pytest.fixture

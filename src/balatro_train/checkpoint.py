@@ -3,7 +3,9 @@
 (`model_from_checkpoint`, rebuilt from the checkpoint's own `model` config).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no pickled
-objects), so loading one never runs code from the file.
+objects), and its saved config is data: the model, heads and metrics it describes are built through
+balatro-train's own constructors, and a config naming anything else is refused on loading. So loading
+a checkpoint never runs code from the file.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from balatro_train.errors import UserError
-from balatro_train.model import build_model, head_configs, head_factories
+from balatro_train.errors import UnknownCallable, UserError
+from balatro_train.metrics import metric_class
+from balatro_train.model import build_model, head_configs, head_factories, model_options
 from balatro_train.preprocessing import Preprocessing
 
 # 2: the model normalises its uint8 input itself (model.ImageInput); format 1 models expected their
@@ -100,17 +103,37 @@ def save_checkpoint(state: dict, paths: list[Path]) -> None:
 
 
 def save_bytes(data, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write `data` to `path` through a temporary file beside it, fsynced, renamed over `path`, and the
+    folder fsynced so that the rename itself survives a crash. A full disk or a folder that cannot be
+    written is a UserError: `path` as it was before stays whole, and no temporary file is left."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+        fsync_folder(path.parent)
+    except OSError as e:
+        before = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        raise UserError(f"{path}: could not be written ({e.strerror or type(e).__name__}); {before}. Free some "
+                        f"disk space or fix the folder's permissions, then run again") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def fsync_folder(folder: Path) -> None:
+    if os.name == "nt":  # Windows cannot open a folder for fsync; NTFS journals the rename itself
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def copy_file_atomically(source: Path, target: Path) -> None:
@@ -140,14 +163,68 @@ def load_checkpoint(path: str | Path, key: str = "resume") -> dict:
                         f"normalised by the pipeline); retrain it with this version")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{key}={path}: not a balatro-train checkpoint (no '{FORMAT}' format tag)")
+    check_builds_only_what_balatro_train_builds(state, path, key)
     if key == "resume" and state.get("enrolled"):
         raise UserError(f"resume={path}: cards were enrolled into this checkpoint (balatro_train.enroll), so it no "
                         f"longer continues its run; start a new run from it with init_from={path}")
     return state
 
 
+def check_builds_only_what_balatro_train_builds(state: dict, path: Path, key: str) -> None:
+    """A checkpoint's config is data: the model, heads and metrics it describes are looked up among
+    balatro-train's own (model.MODEL_TARGET, model.HEAD_CLASSES, metrics.metric_class) and built with its
+    numbers and names as arguments. Anything else it names is refused here, before any tool builds anything."""
+    config = state.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise UserError(f"{key}={path}: not a balatro-train checkpoint (it holds no model config)")
+    try:
+        model_options(config["model"])
+        head_factories(config)
+        for task, task_cfg in (config.get("tasks") or {}).items():
+            for name, metric in (task_cfg.get("metrics") or {}).items():
+                metric_class(metric, f"tasks.{task}.metrics.{name}")
+    except UnknownCallable as e:
+        raise UserError(f"{key}={path}: refused, its config names {e.target} ({e.key}), which balatro-train never "
+                        f"calls; only load checkpoints written by balatro-train") from None
+    except UserError as e:
+        raise UserError(f"{key}={path}: {e}") from None
+
+
+# What a resume may change: how long and where the run goes on, and where its data lies now. Any other
+# change would silently not apply (the optimizer's restored lr) or not fit what is restored (a new
+# freeze, another scheduler): those start a new stage with init_from.
+MAY_CHANGE_ON_RESUME = ("resume", "init_from", "publish_to", "trainer.epochs", "trainer.patience", "trainer.device",
+                        "trainer.num_workers", "trainer.log_every_n_steps", "trainer.checkpoint_interval",
+                        "trainer.compile", "dataset.labels_file", "dataset.augmented_labels_files", "dataset.root")
+NOT_SET = "(not set)"
+
+
+def first_difference(saved: dict, current: dict, ignore=MAY_CHANGE_ON_RESUME) -> tuple[str, object, object] | None:
+    """The first dotted key whose value differs between two resolved run configs, with (saved, current)
+    values; keys under `ignore` are skipped. None when they agree."""
+    flat_saved, flat_current = flat(saved), flat(current)
+    for key in [*flat_current, *(k for k in flat_saved if k not in flat_current)]:
+        if any(key == skip or key.startswith(skip + ".") for skip in ignore):
+            continue
+        old, new = flat_saved.get(key, NOT_SET), flat_current.get(key, NOT_SET)
+        if old != new:
+            return key, old, new
+    return None
+
+
+def flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check_compatible(checkpoint: dict, cfg, key: str) -> None:
-    """A checkpoint whose weights start this run (resume, init_from) has its tasks and its model."""
+    """A checkpoint whose weights start this run (resume, init_from) has its tasks and its model; one that
+    is resumed also has the run's settings, apart from MAY_CHANGE_ON_RESUME."""
     fields = {task: t.field for task, t in cfg.tasks.items()}
     if checkpoint["fields"] != fields:
         raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint was trained for tasks {checkpoint['fields']}, "
@@ -162,6 +239,12 @@ def check_compatible(checkpoint: dict, cfg, key: str) -> None:
     if saved_model != this_model:
         raise UserError(f"{key}={getattr(cfg, key)}: the checkpoint holds a {saved_model} model, this run asks "
                         f"for {this_model}; pick the same model=... (and model.* keys)")
+    difference = key == "resume" and first_difference(checkpoint["config"], OmegaConf.to_container(cfg, resolve=True))
+    if difference:
+        name, old, new = difference
+        raise UserError(f"resume={cfg.resume}: {name} is {new} here but {old} in the run it resumes; a resume goes on "
+                        f"with that run's settings (its optimizer and scheduler state too): drop the change, or "
+                        f"start a new stage from its weights with init_from={cfg.resume}")
 
 
 def rng_state() -> dict:

@@ -235,6 +235,8 @@ def build_data(cfg, class_names: dict[str, list[str]] | None = None,
     if split is None:
         train_files, val_files = split_samples(originals, augmented, stratify_field, cfg.data.val_split, cfg.seed)
         split = {"train": train_files, "val": val_files, "held_out": sorted(held_out)}
+    else:
+        warn_unsplit(originals + augmented, split)
     by_file = {s.file: s for s in originals + augmented}
     missing = [f for f in split["train"] + split["val"] if f not in by_file]
     if missing:
@@ -300,6 +302,16 @@ def task_without(task: str, tasks) -> str | None:
 
     files = sorted(path.stem for path in (Path(CONFIG_DIR) / "task").glob("*.yaml"))
     return next((name for name in [*tasks, *files] if name not in (task, "multi") and name in files), None)
+
+
+def warn_unsplit(samples: list[Sample], split: dict[str, list[str]]) -> None:
+    """A saved split (a resume) keeps the run's images; say how many labelled since it are left out."""
+    listed = {*split["train"], *split["val"]}
+    new = [s.file for s in samples if s.file not in listed]
+    if new:
+        log.warning("%d images labelled since this run's split (e.g. %r) are left out: a resume trains on the "
+                    "images it started with; to train on them too, start a new stage from the checkpoint with "
+                    "init_from= instead of resume=", len(new), new[0])
 
 
 def recolouring(cfg) -> Recolouring | None:

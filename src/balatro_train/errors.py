@@ -10,6 +10,15 @@ class UserError(Exception):
     """A problem with the user's data, config or files; the message names it and says what to do."""
 
 
+class UnknownCallable(UserError):
+    """A config names a `_target_` that balatro-train does not build (model, head or metric): `key` says
+    where, `target` what. A checkpoint's config is data: what it names is looked up, never imported."""
+
+    def __init__(self, key: str, target, allowed: list[str]):
+        super().__init__(f"{key}._target_={target} is not one balatro-train builds (it builds: {', '.join(allowed)})")
+        self.key, self.target = key, target
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM stopped the run at a step boundary, after saving last.pt; the message says
     how to resume."""

@@ -8,10 +8,12 @@ out_dir, stop, hparams)` itself never looks at:
   the cores when a launcher runs jobs side by side, or torchrun starts several processes);
 * Ctrl-C and SIGTERM: the first asks the loop to stop at the next step and save last.pt, a
   second quits at once;
-* a sweep job started again in its own folder (a SLURM requeue) resumes from its own last.pt;
+* a sweep job started again in its own folder (a SLURM requeue) resumes from its own last.pt, and a
+  job whose folder holds another job's run (a sweep relaunched into an old folder) is refused;
 * failures: a single run exits 2 with one line for a mistake the user can fix; in a sweep, any
   failing job leaves `error.txt` and returns NaN so that the other jobs still run;
-* a single run publishes its best checkpoint to `publish_to` (sweeps never do);
+* a single run publishes its best checkpoint to `publish_to` (sweeps never do), a path checked before
+  training;
 * what TensorBoard's HPARAMS view shows of the job: its group choices and overridden keys, which of
   them the sweep varies, and the name of its TensorBoard folder (its swept overrides).
 """
@@ -35,8 +37,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from balatro_train.checkpoint import copy_file_atomically
-from balatro_train.errors import Interrupted, user_error_in
+from balatro_train.checkpoint import copy_file_atomically, first_difference, load_checkpoint
+from balatro_train.config import typed_config
+from balatro_train.errors import Interrupted, UserError, user_error_in
 from balatro_train.run_log import HParams, hparam_value, main_values
 
 log = logging.getLogger("balatro_train")
@@ -49,11 +52,12 @@ def run_hydra_job(cfg: DictConfig, train: Callable[..., float]) -> float:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     torch.set_num_threads(threads_for_this_process(hydra_cfg.launcher.get("n_jobs") if in_sweep else 1))
-    own_last = out_dir / "checkpoints" / "last.pt"
-    if in_sweep and cfg.resume is None and own_last.is_file():
-        log.info("resuming from %s, left by an earlier start of this job", own_last)
-        cfg.resume = str(own_last)
+    (out_dir / "error.txt").unlink(missing_ok=True)  # an earlier start's failure: this start decides anew
     try:
+        if in_sweep and cfg.resume is None:
+            resume_own_start(cfg, out_dir)
+        if cfg.publish_to and not in_sweep and int(os.environ.get("RANK", "0")) == 0:
+            check_publish_target(Path(cfg.publish_to))  # before training, not after it
         with stop_on_signals() as stop:
             best_loss = train(cfg, out_dir, stop=stop, hparams=hparams(cfg, hydra_cfg, out_dir))
     except Interrupted as e:
@@ -81,6 +85,36 @@ def run_hydra_job(cfg: DictConfig, train: Callable[..., float]) -> float:
     # which sweepers (Optuna included) treat as a failed trial.
     (out_dir / "error.txt").write_text(error + "\n")
     return math.nan
+
+
+def resume_own_start(cfg: DictConfig, job_dir: Path) -> None:
+    """A sweep job started again in its folder (a SLURM requeue) resumes from the last.pt it left there,
+    but only when that is this job's own run: a sweep relaunched into an old sweep folder, with other
+    settings, would otherwise go on with the old job's optimizer state and report the old job's loss."""
+    own_last = job_dir / "checkpoints" / "last.pt"
+    if not own_last.is_file():
+        return
+    difference = first_difference(load_checkpoint(own_last, "resume")["config"],
+                                  OmegaConf.to_container(typed_config(cfg), resolve=True))
+    if difference:
+        key, old, new = difference
+        raise UserError(f"sweep job {job_dir} holds an earlier job whose {key} is {old} (this one: {new}); run the "
+                        f"sweep into a new folder (leave hydra.sweep.dir= out, or give another)")
+    log.info("resuming from %s, left by an earlier start of this job", own_last)
+    cfg.resume = str(own_last)
+
+
+def check_publish_target(target: Path) -> None:
+    """publish_to must be a file that can be written: found out now, not after the whole run has trained."""
+    if target.is_dir():
+        raise UserError(f"publish_to={target} is a folder; give a file path, e.g. {target / 'best_model.pt'}, "
+                        f"or publish_to=null")
+    existing = next(folder for folder in target.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise UserError(f"publish_to={target}: {existing} is a file, not a folder; give another path or publish_to=null")
+    if not os.access(existing, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UserError(f"publish_to={target}: {target if target.exists() else existing} is not writable; give "
+                        f"another path or publish_to=null")
 
 
 def publish(best: Path, target: Path) -> None:

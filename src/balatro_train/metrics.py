@@ -9,11 +9,11 @@ import warnings
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
+import torchmetrics.classification
 from PIL import Image, ImageDraw, ImageFont
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 
-from balatro_train.errors import UserError
+from balatro_train.errors import UnknownCallable, UserError
 
 TILE, TEXT_HEIGHT, GAP, MAX_COLUMNS = 112, 34, 4, 4  # the misclassified grid's layout, in pixels: at most
 # 464 px wide, so that TensorBoard's image cards show it at a readable scale
@@ -22,20 +22,35 @@ MAX_FIGURE_CLASSES = 10  # a confusion figure with more classes shows the block 
 CONFUSED_WITH = 3        # the classes a class is most often mistaken for, in the summary
 
 
+METRICS_MODULE = "torchmetrics.classification."  # what a task's metrics may name (conf/task/*.yaml)
+
+
 def build_metrics(task_name: str, metrics_cfg, num_classes: int) -> MetricCollection:
-    """Instantiate each declared metric (a `_partial_` torchmetrics class) for `num_classes`."""
+    """Each declared metric (a `_partial_` torchmetrics classification class) for `num_classes`. Built from
+    the config as data through `metric_class`, never instantiated: evaluate builds a checkpoint's own."""
     metrics = {}
     for name, cfg in metrics_cfg.items():
-        try:
-            factory = instantiate(cfg)
-        except Exception as e:
-            raise UserError(f"tasks.{task_name}.metrics.{name}: cannot build it "
-                            f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-        top_k = cfg.get("top_k")
+        options = {k: v for k, v in dict(cfg).items() if k not in ("_target_", "_partial_")}
+        top_k = options.get("top_k")
         if top_k is not None and top_k > num_classes:
             continue  # top-3 over two classes is meaningless (and torchmetrics refuses it)
-        metrics[name] = factory(num_classes=num_classes)
+        try:
+            metrics[name] = metric_class(cfg, f"tasks.{task_name}.metrics.{name}")(num_classes=num_classes, **options)
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001  (a wrong option: torchmetrics raises TypeError or ValueError)
+            raise UserError(f"tasks.{task_name}.metrics.{name}: cannot build it "
+                            f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return MetricCollection(metrics)
+
+
+def metric_class(metric_cfg, key: str) -> type[Metric]:
+    """The torchmetrics classification metric class that `metric_cfg._target_` names; nothing else."""
+    target = str(metric_cfg.get("_target_"))
+    found = getattr(torchmetrics.classification, target.removeprefix(METRICS_MODULE), None)
+    if not target.startswith(METRICS_MODULE) or not (isinstance(found, type) and issubclass(found, Metric)):
+        raise UnknownCallable(key, target, [f"{METRICS_MODULE}<Metric>"])
+    return found
 
 
 def scalars_and_matrices(results: dict[str, torch.Tensor]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:

@@ -4,6 +4,8 @@ and the optimizer's parameter groups."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import pickle
 import warnings
@@ -12,10 +14,11 @@ from pathlib import Path
 
 import torch
 import torchvision
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from torch import nn
 
-from balatro_train.errors import UserError
+from balatro_train.embedding import CosineClassifier
+from balatro_train.errors import UnknownCallable, UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,11 @@ class ImageInput(nn.Module):
 
 LINEAR_HEAD = {"_target_": "torch.nn.Linear", "_partial_": True}  # conf/heads/standard.yaml's, always there
 HeadFactory = Callable[[int, int], nn.Module]  # (features, classes) -> head, e.g. a partial of nn.Linear
+MODEL_TARGET = "balatro_train.model.CardNet"
+# The heads a config may name (conf/heads/standard.yaml): a model is built from its config as data, through
+# these constructors only, so that a checkpoint's saved config can never name something else to call.
+HEAD_CLASSES: dict[str, type[nn.Module]] = {"torch.nn.Linear": nn.Linear,
+                                            "balatro_train.embedding.CosineClassifier": CosineClassifier}
 
 
 class CardNet(nn.Module):
@@ -139,13 +147,28 @@ def build_model(model_cfg, class_names: dict[str, list[str]], state_dict: dict |
     """The model a `model` config describes, with one head per task of `class_names` (built by `heads`,
     see `head_factories`); with `state_dict` (a checkpoint's), those weights, and then the config's
     initial weights (model.pretrained, model.weights) are neither downloaded nor read. Training,
-    resume, init_from, inference and export all build it here."""
+    resume, init_from, inference and export all build it here, from the config as data (`model_options`):
+    a saved config is never instantiated."""
     initial = {} if state_dict is None else {"pretrained": False, "weights": None}
-    model = instantiate(model_cfg, num_classes={task: len(names) for task, names in class_names.items()},
-                        heads=heads or {}, **initial)
+    model = CardNet(**{**model_options(model_cfg), **initial},
+                    num_classes={task: len(names) for task, names in class_names.items()}, heads=heads or {})
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model.use_channels_last()
+
+
+def model_options(model_cfg) -> dict:
+    """CardNet's arguments from a `model` config (conf/model/*.yaml): its `_target_` must be CardNet and
+    every other key one of CardNet's data arguments (backbone, pretrained, weights, mean, std)."""
+    model_cfg = dict(model_cfg)
+    target = model_cfg.pop("_target_", MODEL_TARGET)
+    if target != MODEL_TARGET:
+        raise UnknownCallable("model", target, [MODEL_TARGET])
+    accepted = set(inspect.signature(CardNet).parameters) - {"num_classes", "heads"}
+    unknown = sorted(set(model_cfg) - accepted)
+    if unknown:
+        raise UserError(f"model.{unknown[0]} is not an option of the model (its options: {', '.join(sorted(accepted))})")
+    return {key: list(value) if key in ("mean", "std") else value for key, value in model_cfg.items()}
 
 
 def head_configs(config) -> dict:
@@ -164,8 +187,20 @@ def head_configs(config) -> dict:
 
 
 def head_factories(config) -> dict[str, HeadFactory]:
-    """{task: what builds its head} (see head_configs)."""
-    return {task: instantiate(head) for task, head in head_configs(config).items()}
+    """{task: what builds its head} (see head_configs): one of HEAD_CLASSES with the config's numbers."""
+    return {task: head_factory(head, f"heads.{config['tasks'][task].get('head', 'linear')}")
+            for task, head in head_configs(config).items()}
+
+
+def head_factory(head_cfg: dict, key: str) -> HeadFactory:
+    """A partial of the head class `head_cfg` names, with its options (numbers such as scale, margin)."""
+    head_class = HEAD_CLASSES.get(head_cfg.get("_target_"))
+    if head_class is None:
+        raise UnknownCallable(key, head_cfg.get("_target_"), list(HEAD_CLASSES))
+    options = {k: v for k, v in head_cfg.items() if k not in ("_target_", "_partial_")}
+    if any(k.startswith("_") or not isinstance(v, (int, float, bool)) for k, v in options.items()):
+        raise UserError(f"{key}: a head's options are numbers (e.g. scale, margin), not {options}")
+    return functools.partial(head_class, **options)
 
 
 def freeze_backbone(model: CardNet, trainable: list[str] | None) -> CardNet:

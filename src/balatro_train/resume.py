@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torchmetrics import MeanMetric
 
 from balatro_train.checkpoint import Progress, copy_file_atomically, load_checkpoint, restore_rng_state, save_checkpoint
-from balatro_train.errors import Interrupted
+from balatro_train.errors import Interrupted, UserError
 from balatro_train.metrics import new_loss_means
 
 log = logging.getLogger("balatro_train")
@@ -69,7 +69,12 @@ def carry_best_checkpoint(resumed: dict, resumed_from: Path, checkpoints: Path) 
                       resumed_from):
         if not candidate.is_file():
             continue
-        state = resumed if candidate == resumed_from else load_checkpoint(candidate, "resume")
+        try:
+            state = resumed if candidate == resumed_from else load_checkpoint(candidate, "resume")
+        except UserError:  # a damaged best.pt beside a good last.pt: the resume goes on without it
+            log.warning("%s, beside %s, is damaged or not a checkpoint: the resume goes on without it",
+                        candidate, resumed_from)
+            continue
         if (state["epoch"], state["partial_epoch"], state["best_val_loss"]) == (best_epoch, None,
                                                                               resumed["best_val_loss"]):
             copy_file_atomically(candidate, checkpoints / "best.pt")

@@ -40,6 +40,7 @@ from balatro_train.metrics import build_metrics, new_loss_means
 from balatro_train.model import build_model, head_factories, keep_frozen_batchnorm_in_eval
 from balatro_train.optim import step_scheduler, weight_average
 from balatro_train.resume import carry_best_checkpoint, interrupt, restore, resume_epoch
+from balatro_train.run_folder import check_run_folder
 
 log = logging.getLogger("balatro_train")
 # conf/hydra/launcher/{joblib,submitit_slurm}.yaml complete the plugins' configs of the same name
@@ -68,6 +69,8 @@ def train(cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None,
     check_config(cfg)
     seed_everything(cfg.seed)
     process = start_process(cfg.trainer.device)
+    if process.is_main:
+        check_run_folder(out_dir, cfg.resume)  # another run's metrics, checkpoints and events stay its own
     resumed = load_checkpoint(cfg.resume, "resume") if cfg.resume else None
     source = resumed or (load_checkpoint(cfg.init_from, "init_from") if cfg.init_from else None)
     data = read_data(cfg, source, resumed, out_dir, process)
