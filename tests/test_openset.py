@@ -155,7 +155,7 @@ def test_enrolled_card_is_then_what_predict_returns_for_its_other_screenshots(co
 
     same = run_cli([f"checkpoint={cosine_model.checkpoint}", f"images={shots[0]}", f"name={NEW_CARD}",
                     f"out={cosine_model.checkpoint}"], cwd=cosine_model.work, module="balatro_train.enroll", check=False)
-    assert same.returncode == 2 and "overwrite=true" in same.stderr and "Traceback" not in same.stderr
+    assert same.returncode == 2 and "outputs never replace inputs" in same.stderr and "Traceback" not in same.stderr
     (tmp_path / "broken.png").write_bytes(b"")
     broken = run_cli([f"checkpoint={cosine_model.checkpoint}", f"images={tmp_path / 'broken.png'}", f"name={NEW_CARD}",
                       f"out={tmp_path / 'never.pt'}"], cwd=cosine_model.work, module="balatro_train.enroll", check=False)

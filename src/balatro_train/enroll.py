@@ -1,6 +1,6 @@
 """`python -m balatro_train.enroll checkpoint=<file or run folder> images=<files, folder or glob> name=<card name>
-[type=... rarity=...] [out=...]`, or for a batch of new cards
-`python -m balatro_train.enroll checkpoint=... labels=<labels.json of their screenshots> [out=...]`
+[type=... rarity=...] [out=...] [overwrite=true]`, or for a batch of new cards
+`python -m balatro_train.enroll checkpoint=... labels=<labels.json of their screenshots> [out=...] [overwrite=true]`
 
 Adds cards to a checkpoint without training: every task with an embedding head
 (tasks.<task>.head=cosine) gets, for each new value of its field (a new card's name), a class whose
@@ -12,12 +12,15 @@ The screenshots are prepared exactly as validation prepared the checkpoint's ima
 also enrolled colour-inverted (`negative_view`, on by default): the Negative edition inverts a card's
 colours, so a card enrolled from a Base screenshot is then recognised in Negative too, and the
 reverse (on the demo's open-set benchmark this view raised top-1 on enrolled cards by several
-points). Writes a new
-checkpoint (default: `<stem>_enrolled.pt` beside the input; the input itself only with
-overwrite=true) that predict, evaluate, export, the `Recognizer` and `init_from` take like any
-other. It records what was enrolled (`enrolled`: per task, how many images each card's prototype
-averages, two per screenshot with the inverted view;
-`cards`: the field values given, e.g. type and rarity); it no longer resumes its training run.
+points). Writes a new checkpoint (default: `<stem>_enrolled.pt` beside the input) that predict,
+evaluate, export, the `Recognizer` and `init_from` take like any other. It records what was
+enrolled (`enrolled`: per task, how many images each card's prototype averages, two per screenshot
+with the inverted view; `cards`: the field values given, e.g. type and rarity); it no longer
+resumes its training run.
+
+`out` is never an input, the input checkpoint, a screenshot or the labels file, not even with
+overwrite=true (give another out=); it replaces another existing file, an earlier enrolment at the
+default `out` included, only with overwrite=true (balatro_train/outputs.py).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from balatro_train.embedding import imprint
 from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
 from balatro_train.labels import read_labels
+from balatro_train.outputs import check_outputs
 from balatro_train.predict import find_images
 
 log = logging.getLogger("balatro_train.enroll")
@@ -49,20 +53,35 @@ PER_SCREENSHOT = {"full_path", "parent", "augmentation", "modifier"}  # labels k
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     log_to_stderr()
+    enroll_checkpoint(cfg)
+
+
+def enroll_checkpoint(cfg: DictConfig) -> Path:
+    """The command: the screenshots of `cfg` enrolled into its checkpoint, written to `out`; returns that path."""
     started = time.perf_counter()
     checkpoint = resolve_checkpoint(cfg.checkpoint)
     state = load_checkpoint(checkpoint, "checkpoint")
     embedding_tasks(state, f"checkpoint={checkpoint}")  # before reading any screenshot
-    out = Path(cfg.out) if cfg.out else checkpoint.with_name(f"{checkpoint.stem}_enrolled.pt")
-    if out.resolve() == checkpoint.resolve() and not cfg.overwrite:
-        raise UserError(f"out={out} is the input checkpoint; give another out=, or add overwrite=true to replace it")
-    recognizer = Recognizer(state, cfg.device, cfg.batch_size)
     paths, values = screenshots(cfg)
+    out = Path(cfg.out) if cfg.out else checkpoint.with_name(f"{checkpoint.stem}_enrolled.pt")
+    value = str(cfg.out) if cfg.out else f"{out} (the default, beside the checkpoint)"
+    check_outputs("out", value, [(out, "")], inputs(checkpoint, paths, cfg), cfg.overwrite)  # before any embedding
+    recognizer = Recognizer(state, cfg.device, cfg.batch_size)
     images, values = enrolment_views([load(recognizer, path) for path in paths], values, cfg.negative_view)
     enrolled, added = enroll(state, recognizer.embeddings(images), values)
     save_checkpoint(enrolled, [out])
     log.info("%d screenshots%s: %s in %.1f s; wrote %s", len(paths), " and their inverted views" if cfg.negative_view
              else "", "; ".join(added), time.perf_counter() - started, out)
+    return out
+
+
+def inputs(checkpoint: Path, paths: list[Path], cfg: DictConfig) -> list[tuple[Path, str]]:
+    """What enroll reads, as outputs.check_outputs names them: the checkpoint, the labels file, the screenshots."""
+    read = [(checkpoint, f"the checkpoint it reads (checkpoint={checkpoint})")]
+    if cfg.labels is not None:
+        read.append((Path(cfg.labels), f"the labels file it reads (labels={cfg.labels})"))
+    given = f"labels={cfg.labels}" if cfg.labels is not None else f"images={cfg.images}"
+    return [*read, *((path, f"the screenshot {path} it reads ({given})") for path in paths)]
 
 
 def screenshots(cfg: DictConfig) -> tuple[list[Path], list[dict]]:

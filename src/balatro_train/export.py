@@ -1,5 +1,5 @@
 """`python -m balatro_train.export checkpoint=<file or run folder> format=onnx|torchscript|original [out=...]
-[benchmark=true]`
+[overwrite=true] [benchmark=true]`
 
 Writes the model for deployment with a dynamic batch size, input `images` (uint8, N x S x S x 3 RGB,
 as `Recognizer.prepare` or `Preprocessing.square` makes them: the model converts and normalises
@@ -8,8 +8,12 @@ them itself) and one logits output per task, in the checkpoint's task order. Bes
 entries are in the ONNX file's metadata_props (JSON strings) and in the TorchScript file's
 extra file `balatro_train.json`. An embedding head's logits are its scale x the cosine to each class
 prototype; `unknown` in the JSON gives each such task's scale and calibrated threshold: a deployment
-calls a card unknown when max(logits) / scale is below the threshold. Default `out`: next to the checkpoint, `<stem>.onnx` or
-`<stem>.torchscript.pt`.
+calls a card unknown when max(logits) / scale is below the threshold. Default `out`: next to the
+checkpoint, `<stem>.onnx` or `<stem>.torchscript.pt`.
+
+Neither `out` nor its sidecar JSON is ever the checkpoint (refused, whatever `overwrite` says), and
+either replaces an existing file only with overwrite=true, the default `out` too: a second export of
+the same checkpoint needs it (balatro_train/outputs.py). Both are written atomically.
 
 `format=original` writes instead the checkpoint that the original ai-balatro pipeline
 (jcloix/ai-balatro, `utils/inference_utils.py`) loads unchanged: `{"model": <its MultiHeadModel
@@ -38,26 +42,31 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint, save_bytes
+from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint
 from balatro_train.config import CONFIG_DIR
 from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.inference import log_to_stderr, resolve_checkpoint
 from balatro_train.model import IMAGENET_MEAN, IMAGENET_STD
+from balatro_train.outputs import check_outputs, write_atomically
 
 log = logging.getLogger("balatro_train.export")
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 MIN_OPSET = 17
 ORIGINAL_NAME = "best_model.pth"  # ai-balatro's inference tools load data/models/best_model.pth by default
 ORIGINAL_SIZE = 224  # and it normalises with:
+# Export's own config directory, not conf/: Hydra reads a key that shares its name with a config group of
+# the primary config's directory as a group override, so conf/benchmark/ (the training sweeps) turned
+# `benchmark=true` into "Config group override must be a string or a list. Got bool".
+EXPORT_CONFIG_DIR = str(Path(CONFIG_DIR).with_name("conf_export"))
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@hydra.main(version_base="1.3", config_path=EXPORT_CONFIG_DIR, config_name="export")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     log_to_stderr()
     if cfg.benchmark and cfg.format == "original":
         raise UserError("benchmark=true times format=onnx or format=torchscript; drop it for format=original")
-    out = export(cfg.checkpoint, cfg.format, cfg.out, cfg.opset)
+    out = export(cfg.checkpoint, cfg.format, cfg.out, cfg.opset, cfg.overwrite)
     if cfg.benchmark:
         print_table(benchmark(out, cfg.format, cfg.benchmark_threads, cfg.benchmark_runs))
 
@@ -76,34 +85,53 @@ class Exportable(nn.Module):
         return dict(zip(self.tasks, logits)) if self.as_dict else tuple(logits)
 
 
-def export(checkpoint, fmt: str, out=None, opset: int = MIN_OPSET) -> Path:
-    """Export and write the sidecar JSON (none for format=original); returns the model file's path."""
+def export(checkpoint, fmt: str, out=None, opset: int = MIN_OPSET, overwrite: bool = False) -> Path:
+    """Export and write the sidecar JSON (none for format=original); returns the model file's path.
+    `overwrite`: `out` and its sidecar may replace existing files (never the checkpoint)."""
     if fmt not in FORMATS and fmt != "original":
         raise UserError(f"format={fmt} is not supported: use format=onnx or format=torchscript "
                         f"(or format=original for the ai-balatro pipeline)")
     if fmt == "onnx" and opset < MIN_OPSET:
         raise UserError(f"opset={opset} is too old: use opset={MIN_OPSET} or newer")
     path = resolve_checkpoint(checkpoint)
+    target = check_targets(path, fmt, out, overwrite)  # before loading anything: a refusal costs nothing
     state = load_checkpoint(path, "checkpoint")
     if fmt == "original":
-        return export_original(state, path, Path(out) if out else path.with_name(ORIGINAL_NAME))
+        return export_original(state, path, target)
     model, tasks = model_from_checkpoint(state), list(state["class_names"])
     size = int(state["preprocessing"]["image_size"])
-    out = Path(out) if out else path.with_name(path.stem + FORMATS[fmt])
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata(state, path, fmt, tasks)
     example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
+    buffer = io.BytesIO()  # serialised in memory, then written whole: never a half-written file at `target`
     with torch.no_grad():
         if fmt == "onnx":
-            export_onnx(Exportable(model, tasks, as_dict=False), example, out, tasks, opset, meta)
+            export_onnx(Exportable(model, tasks, as_dict=False), example, buffer, tasks, opset, meta)
         else:
             with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; it still loads in C++/Java
                 warnings.simplefilter("ignore", FutureWarning)
                 traced = torch.jit.trace(Exportable(model, tasks, as_dict=True), example, strict=False)
-                torch.jit.save(traced, str(out), _extra_files={"balatro_train.json": json.dumps(meta)})
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
-    log.info("exported %s to %s (class names and preprocessing in %s)", path, out, out.with_suffix(".json"))
-    return out
+                torch.jit.save(traced, buffer, _extra_files={"balatro_train.json": json.dumps(meta)})
+    write_atomically(buffer.getbuffer(), target)
+    write_atomically((json.dumps(meta, indent=1) + "\n").encode(), target.with_suffix(".json"))
+    log.info("exported %s to %s (class names and preprocessing in %s)", path, target, target.with_suffix(".json"))
+    return target
+
+
+def check_targets(checkpoint: Path, fmt: str, out, overwrite: bool) -> Path:
+    """The model file to write (`out`, or the default beside the checkpoint), once outputs.check_outputs
+    has allowed it and its sidecar `<out without suffix>.json` (none for format=original)."""
+    default = checkpoint.with_name(ORIGINAL_NAME if fmt == "original" else checkpoint.stem + FORMATS[fmt])
+    target = Path(out) if out else default
+    value = str(out) if out else f"{default} (the default, beside the checkpoint)"
+    outputs = [(target, "")]
+    if fmt != "original":
+        if target.suffix == ".json":  # the sidecar would then overwrite the model just written
+            raise UserError(f"out={out}: the model and its sidecar <out without suffix>.json would be one file; "
+                            f"give an out= ending in {FORMATS[fmt]}")
+        outputs.append((target.with_suffix(".json"), "its sidecar"))
+    check_outputs("out", value, outputs, [(checkpoint, f"the checkpoint it reads (checkpoint={checkpoint})")],
+                  overwrite)
+    return target
 
 
 def export_original(state: dict, checkpoint: Path, out: Path) -> Path:
@@ -114,8 +142,6 @@ def export_original(state: dict, checkpoint: Path, out: Path) -> Path:
     if backbone != "resnet18":
         raise UserError(f"checkpoint={checkpoint}: format=original needs a resnet18 model, this one is {backbone} "
                         f"(the ai-balatro pipeline only builds resnet18); use format=onnx or format=torchscript")
-    if out.resolve() == checkpoint.resolve():
-        raise UserError(f"out={out} is the checkpoint itself; give another out=")
     cosine = [task for task in state["class_names"] if f"heads.{task}.scale" in state["model"]]
     if cosine:
         raise UserError(f"checkpoint={checkpoint}: format=original needs linear heads, but {', '.join(cosine)} has an "
@@ -143,13 +169,14 @@ def export_original(state: dict, checkpoint: Path, out: Path) -> Path:
     torch.save({"model": weights,
                 "head_states": {task: {"class_names": list(names)} for task, names in state["class_names"].items()}},
                buffer)
-    save_bytes(buffer.getvalue(), out)
+    write_atomically(buffer.getbuffer(), out)
     log.info("exported %s to %s for the ai-balatro pipeline (%s)", checkpoint, out, ", ".join(
         f"{task}: {len(names)} classes" for task, names in state["class_names"].items()))
     return out
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, tasks: list[str], opset: int, meta: dict):
+def export_onnx(model: nn.Module, example: torch.Tensor, out: io.BytesIO, tasks: list[str], opset: int, meta: dict):
+    """The ONNX model, its metadata_props set and checked, serialised into `out`."""
     import onnx
 
     # The legacy (TorchScript-based) exporter: the dynamo one needs onnxscript, which this project does not pull
@@ -157,13 +184,14 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: Path, tasks: list[
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-        torch.onnx.export(model, (example,), str(out), opset_version=opset, input_names=["images"],
+        exported = io.BytesIO()
+        torch.onnx.export(model, (example,), exported, opset_version=opset, input_names=["images"],
                           output_names=tasks, dynamic_axes={name: {0: "batch"} for name in ["images", *tasks]},
                           do_constant_folding=True, **legacy)
-    proto = onnx.load(str(out))
+    proto = onnx.load_from_string(exported.getvalue())
     onnx.helper.set_model_props(proto, {key: json.dumps(value) for key, value in meta.items()})
     onnx.checker.check_model(proto)
-    onnx.save(proto, str(out))
+    onnx.save(proto, out)
 
 
 def metadata(state: dict, checkpoint: Path, fmt: str, tasks: list[str]) -> dict:

@@ -8,6 +8,9 @@ annotation tool reads to pre-fill its labels:
 
 `raw` is the model's top-k as is; `threshold` only drops entries from `labels`.
 
+`out` is never the checkpoint or one of the images (refused, whatever `overwrite` says), and an
+existing file only with overwrite=true (balatro_train/outputs.py); it is written atomically.
+
 A task with an embedding head (tasks.<task>.head=cosine) adds the image's best cosine to a class
 prototype and the threshold it is held to (the checkpoint's calibrated one, or `unknown_threshold`)
 to `raw`; below it, `labels` starts with "unknown" and its score, then the nearest known cards:
@@ -33,6 +36,7 @@ from balatro_train.embedding import UNKNOWN
 from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
 from balatro_train.config import CONFIG_DIR
+from balatro_train.outputs import check_outputs, write_atomically
 
 log = logging.getLogger("balatro_train.predict")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -52,6 +56,9 @@ def predict(cfg: DictConfig) -> dict:
         raise UserError(f"threshold={cfg.threshold} must be a probability between 0 and 1")
     checkpoint = resolve_checkpoint(cfg.checkpoint)  # first: the cheaper mistake to report
     paths = find_images(cfg.images)
+    out = Path(cfg.out) if cfg.out else None
+    if out:  # before loading the model: a refused out= costs nothing
+        check_outputs("out", cfg.out, [(out, "")], inputs(checkpoint, paths, cfg.images), cfg.get("overwrite", False))
     recognizer = Recognizer.from_checkpoint(checkpoint, cfg.device, cfg.batch_size, cfg.get("unknown_threshold"))
     images, kept = [], []
     for path in paths:
@@ -81,10 +88,8 @@ def predict(cfg: DictConfig) -> dict:
                     labels[task].insert(0, {"label": UNKNOWN, "score": score})
         result[key] = {"raw": raw, "labels": labels}
     text = json.dumps(result, indent=1)
-    if cfg.out:
-        out = Path(cfg.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    if out:
+        write_atomically((text + "\n").encode(), out)
         log.info("wrote predictions for %d images to %s", len(result), out)
     else:
         try:
@@ -92,6 +97,12 @@ def predict(cfg: DictConfig) -> dict:
         except BrokenPipeError:  # `... | head`: the reader has gone, which is not an error
             sys.stdout = open(os.devnull, "w")
     return result
+
+
+def inputs(checkpoint: Path, images: list[Path], spec) -> list[tuple[Path, str]]:
+    """What predict reads, as outputs.check_outputs names them."""
+    return [(checkpoint, f"the checkpoint it reads (checkpoint={checkpoint})"),
+            *((path, f"the image {path} it reads (images={spec})") for path in images)]
 
 
 def find_images(spec) -> list[Path]:
