@@ -187,6 +187,23 @@ def test_enrolment_imprints_the_mean_and_updates_with_a_running_mean():
         enroll({**state, "model": linear.state_dict()}, {}, [{"name": "c"}])
 
 
+def test_enrolment_of_real_screenshots_imprints_the_mean_of_their_unit_length_embeddings(cosine_model):
+    """On the trained model, not on ready-made unit vectors: the prototype is the mean of the embeddings
+    that the head's own layers give (BNNeck, then L2-normalised), computed here step by step."""
+    state = load_checkpoint(cosine_model.checkpoint)
+    recognizer = Recognizer(state, "cpu")
+    images = [recognizer.preprocessing.load(path) for path in cosine_model.new_card[:3]]
+    enrolled, _ = enroll(state, recognizer.embeddings(images), [{"name": NEW_CARD}] * 3)
+    model, head = recognizer.model, recognizer.model.heads["identification"]
+    batch = torch.stack([torch.from_numpy(recognizer.pipeline(image=image)["image"]) for image in images])
+    with torch.no_grad():
+        centred = head.neck(model.backbone(model.input(batch)))
+    expected = F.normalize(centred, dim=1).mean(dim=0)
+    assert enrolled["class_names"]["identification"][-1] == NEW_CARD
+    assert torch.allclose(enrolled["model"]["heads.identification.weight"][-1], expected, atol=1e-5)
+    assert (centred.norm(dim=1) - 1).abs().min() > 0.1  # unnormalised, they would give another prototype
+
+
 def test_an_enrolled_checkpoint_exports_its_prototypes_and_threshold_to_onnx(cosine_model, tmp_path):
     import onnx
     import onnxruntime as ort
