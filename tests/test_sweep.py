@@ -103,8 +103,7 @@ def test_launcher_and_search_configs_compose(tmp_path):
     assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher["partition"] == "gpu" and launcher["gpus_per_node"] == 1 and launcher["tasks_per_node"] == 1
     assert launcher["timeout_min"] > 0 and launcher["signal_delay_s"] > 0 and "max_num_timeout" in launcher
-    # nothing ran: resolving hydra.run.dir and hydra.sweep.dir (--resolve) only makes their empty folders
-    assert not [path for path in (tmp_path / "outputs").rglob("*") if not path.is_dir()]
+    assert not (tmp_path / "outputs").exists()  # nothing ran
 
 
 def test_submitit_local_runs_one_job_to_completion(dataset, tmp_path):

@@ -26,7 +26,7 @@ from balatro_train.data import build_data
 from balatro_train.errors import UserError
 from balatro_train.inference import Recognizer
 from balatro_train.job import check_publish_target
-from balatro_train.run_folder import new_folder
+from balatro_train.run_folder import RunFolderGuard, new_folder
 from balatro_train.train import train
 from conftest import compose, made_once, read_metrics, tiny_overrides, write_dataset
 
@@ -132,12 +132,19 @@ def test_a_training_config_naming_another_head_class_is_refused_too(run, tmp_pat
 # ---- two runs never mix -----------------------------------------------------------------------------------
 
 def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
+    """RunFolderGuard, before Hydra makes the folder: the config's outputs/<date>/<time> is taken (by a run
+    started this second), so this run claims <time>_2; a sweep's claimed folder reaches its jobs' configs."""
     monkeypatch.chdir(tmp_path)
-    folders = [compose([], hydra_config=True).hydra.run.dir for _ in range(2)]  # each composition resolves anew
-    assert folders[0] != folders[1] and all(Path(f).is_dir() for f in folders)
     cfg = compose([], hydra_config=True)
-    assert cfg.hydra.run.dir == cfg.hydra.run.dir  # one config, one folder, however often it is read
+    taken = Path(cfg.hydra.run.dir)
+    taken.mkdir(parents=True)
+    RunFolderGuard().on_run_start(cfg)
+    assert cfg.hydra.run.dir == f"{taken}_2" and Path(cfg.hydra.run.dir).is_dir()
+    Path(cfg.hydra.sweep.dir).mkdir(parents=True)
+    RunFolderGuard().on_multirun_start(cfg)
+    assert cfg.hydra.sweep.dir.endswith("_2") and cfg.hydra.overrides.hydra[-1] == f"hydra.sweep.dir={cfg.hydra.sweep.dir}"
     assert new_folder("x") == "x" and new_folder("x") == "x_2" and new_folder("x") == "x_3"
+    assert sorted(p.name for p in taken.parent.iterdir()) == [taken.name, f"{taken.name}_2"]  # nothing else made
 
 
 def test_a_run_refuses_a_folder_that_holds_another_run(run, tmp_path, monkeypatch, capsys):

@@ -1,13 +1,18 @@
 """One run, one folder: runs started together get folders of their own, and a run never writes into a
 folder that already holds another run.
 
-* `new_folder`, the `${new_folder:...}` resolver of conf/train.yaml's `hydra.run.dir` and
-  `hydra.sweep.dir`: the folder named by the date and time, created on the spot (mkdir is atomic), or
-  `<time>_2`, `_3`, ... when another run took that name in the same second.
-* `check_run_folder`: a folder holds a run once it has `metrics.jsonl` or `checkpoints/`; only the run
-  that resumes one of its checkpoints may write there again. `train()` checks its `out_dir`, and
-  `RunFolderGuard` (a Hydra callback) checks an explicit `hydra.run.dir` before Hydra writes its
-  `.hydra/` there.
+`RunFolderGuard`, a Hydra callback of conf/train.yaml, runs before Hydra makes a job's folder:
+
+* a run or a sweep whose folder comes from the config (`outputs/<date>/<time>`) claims it with
+  `new_folder` (mkdir is atomic): `<time>_2`, `_3`, ... when another run took that name in the same
+  second. A sweep's claimed folder is added to its Hydra overrides, since each job composes its own
+  config anew.
+* a run given `hydra.run.dir=` explicitly is checked by `check_run_folder`: a folder holds a run once it
+  has `metrics.jsonl` or `checkpoints/`, and only a run resuming one of its checkpoints may go on in it.
+  `train()` checks its `out_dir` the same way.
+
+(Done in a callback, not in a resolver of `hydra.run.dir`: Hydra resolves that value again at every merge
+of a config onto it, so a resolver that makes folders would leave empty ones behind.)
 """
 
 from __future__ import annotations
@@ -18,15 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, open_dict, read_write
 
 from balatro_train.errors import UserError
 
 
 def new_folder(path: str) -> str:
-    """`path`, created now, or the first of `path_2`, `path_3`, ... that no other run has taken.
-    OmegaConf caches a resolver's value in the config (and Hydra copies that cache into every sweep
-    job's config, as it does for `${now:...}`), so a config resolves to one folder however often it is read."""
+    """`path`, made now, or the first of `path_2`, `path_3`, ... that no other run has taken."""
     for n in range(1, 1000):
         candidate = Path(path if n == 1 else f"{path}_{n}")
         candidate.parent.mkdir(parents=True, exist_ok=True)
@@ -36,9 +39,6 @@ def new_folder(path: str) -> str:
         except FileExistsError:
             continue
     raise UserError(f"{path}: 1000 runs started in the same second; give hydra.run.dir= explicitly")
-
-
-OmegaConf.register_new_resolver("new_folder", new_folder, use_cache=True, replace=True)
 
 
 def holds_a_run(folder: Path) -> bool:
@@ -58,16 +58,30 @@ def check_run_folder(folder: Path, resume: str | None) -> None:
                         f"hydra.run.dir= (or leave it out: each run then gets a folder of its own)")
 
 
+def given_on_command_line(config: DictConfig, key: str) -> bool:
+    return any(override.split("=", 1)[0].lstrip("+~") == key for override in config.hydra.overrides.hydra)
+
+
 class RunFolderGuard(Callback):
-    """conf/train.yaml's callback: a single run whose hydra.run.dir holds another run stops with one line
-    and exit code 2 before Hydra writes its .hydra/ and log there. Under torchrun the first process
-    checks for all (the others would find the folder that it has just started)."""
+    """See the module docstring. Under torchrun only the first process acts (the others would find the
+    folder that it has just started); torchrun runs want an explicit hydra.run.dir anyway."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if int(os.environ.get("RANK", "0")) != 0:
+            return
+        if not given_on_command_line(config, "hydra.run.dir"):
+            with read_write(config.hydra):
+                config.hydra.run.dir = new_folder(str(config.hydra.run.dir))
             return
         try:
             check_run_folder(Path(str(config.hydra.run.dir)), config.get("resume"))
         except UserError as e:
             print(f"[balatro_train][ERROR] - {e}", file=sys.stderr)  # Hydra has not set logging up yet
             sys.exit(2)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if given_on_command_line(config, "hydra.sweep.dir"):
+            return  # a sweep relaunched into its folder: each job checks its own (job.resume_own_start)
+        with read_write(config.hydra), open_dict(config.hydra):
+            config.hydra.sweep.dir = new_folder(str(config.hydra.sweep.dir))
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir={config.hydra.sweep.dir}")
