@@ -42,12 +42,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint
+from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint, save_bytes
 from balatro_train.config import CONFIG_DIR
 from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.inference import log_to_stderr, resolve_checkpoint
 from balatro_train.model import IMAGENET_MEAN, IMAGENET_STD
-from balatro_train.outputs import check_outputs, write_atomically
+from balatro_train.outputs import check_outputs
 
 log = logging.getLogger("balatro_train.export")
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -111,8 +111,8 @@ def export(checkpoint, fmt: str, out=None, opset: int = MIN_OPSET, overwrite: bo
                 warnings.simplefilter("ignore", FutureWarning)
                 traced = torch.jit.trace(Exportable(model, tasks, as_dict=True), example, strict=False)
                 torch.jit.save(traced, buffer, _extra_files={"balatro_train.json": json.dumps(meta)})
-    write_atomically(buffer.getbuffer(), target)
-    write_atomically((json.dumps(meta, indent=1) + "\n").encode(), target.with_suffix(".json"))
+    save_bytes(buffer.getbuffer(), target)
+    save_bytes((json.dumps(meta, indent=1) + "\n").encode(), target.with_suffix(".json"))
     log.info("exported %s to %s (class names and preprocessing in %s)", path, target, target.with_suffix(".json"))
     return target
 
@@ -169,7 +169,7 @@ def export_original(state: dict, checkpoint: Path, out: Path) -> Path:
     torch.save({"model": weights,
                 "head_states": {task: {"class_names": list(names)} for task, names in state["class_names"].items()}},
                buffer)
-    write_atomically(buffer.getbuffer(), out)
+    save_bytes(buffer.getbuffer(), out)
     log.info("exported %s to %s for the ai-balatro pipeline (%s)", checkpoint, out, ", ".join(
         f"{task}: {len(names)} classes" for task, names in state["class_names"].items()))
     return out

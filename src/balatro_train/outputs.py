@@ -5,7 +5,7 @@ file), not even with `overwrite=true`: `predict ... out=best.pt` once turned the
 JSON file. It replaces another existing file only with `overwrite=true`: a mistyped `out=` (or a
 second export to the same default) would otherwise rewrite `labels.json` or an earlier result
 without a word. Checked before any work, so a refusal costs nothing; the file is then written
-atomically (`write_atomically`), so an interrupted write leaves the previous file whole.
+atomically (`checkpoint.save_bytes`), so an interrupted write leaves the previous file whole.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from balatro_train.checkpoint import save_bytes
 from balatro_train.errors import UserError
 
 
@@ -37,8 +36,3 @@ def check_outputs(key: str, value: str, outputs: Iterable[tuple[Path, str]], inp
                                 f"overwrite=true; give another {key}=")
         if not overwrite:
             raise UserError(f"{written} already exists; give another {key}=, or add overwrite=true to replace it")
-
-
-def write_atomically(data: bytes | memoryview, path: Path) -> None:
-    """The whole file or nothing (temporary file beside it, fsync, rename), as checkpoints are written."""
-    save_bytes(data, path)

@@ -32,11 +32,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig
 
+from balatro_train.checkpoint import save_bytes
 from balatro_train.embedding import UNKNOWN
 from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
 from balatro_train.config import CONFIG_DIR
-from balatro_train.outputs import check_outputs, write_atomically
+from balatro_train.outputs import check_outputs
 
 log = logging.getLogger("balatro_train.predict")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -89,7 +90,7 @@ def predict(cfg: DictConfig) -> dict:
         result[key] = {"raw": raw, "labels": labels}
     text = json.dumps(result, indent=1)
     if out:
-        write_atomically((text + "\n").encode(), out)
+        save_bytes((text + "\n").encode(), out)
         log.info("wrote predictions for %d images to %s", len(result), out)
     else:
         try:
