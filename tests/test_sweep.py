@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from balatro_train.sweep import write_summary
-from conftest import read_metrics, run_cli, tiny_overrides
+from conftest import compose, read_metrics, run_cli, tiny_overrides
 
 OPTUNA_PARAMS = {"optimizer.lr", "freeze", "scheduler"}
 
@@ -98,8 +99,9 @@ def test_launcher_and_search_configs_compose(tmp_path):
                                  "scheduler": "choice(warmup_cosine, cosine, plateau, step, none)"}
     assert hydra["callbacks"]["sweep_summary"]["_target_"] == "balatro_train.sweep.SweepSummary"
 
-    result = run_cli(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra"], cwd=tmp_path)
-    launcher = yaml.safe_load(result.stdout)["hydra"]["launcher"]
+    # composed in-process: the command line's --cfg above already showed that printing one runs nothing
+    cfg = compose(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher["partition"] == "gpu" and launcher["gpus_per_node"] == 1 and launcher["tasks_per_node"] == 1
     assert launcher["timeout_min"] > 0 and launcher["signal_delay_s"] > 0 and "max_num_timeout" in launcher
