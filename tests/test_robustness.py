@@ -1,7 +1,12 @@
-"""Nothing lost, nothing silent: interrupts, kills, bad input and hostile checkpoints."""
+"""Nothing lost, nothing silent: interrupts, kills, bad input and hostile checkpoints.
+
+A mistake in the config, the labels, the images or a checkpoint is checked in-process (`refusal`: the
+UserError that the command line prints as its one line with exit code 2), and each kind of mistake once
+through the real command line (`refused_on_the_command_line`). Ctrl-C and kill -9 are real processes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -11,25 +16,81 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import hydra
 import pytest
 import torch
+from hydra.errors import MissingConfigException
 
 from omegaconf import OmegaConf
 
+from balatro_train import predict
+from balatro_train import train as train_module
 from balatro_train.checkpoint import FORMAT, load_checkpoint
 from balatro_train.data import build_data, split_samples
 from balatro_train.labels import read_labels
-from balatro_train.errors import Interrupted, UserError
+from balatro_train.errors import Interrupted, UserError, user_error_in
 from balatro_train.job import threads_for_this_process
 from balatro_train.train import train
-from conftest import compose, own_core, read_metrics, run_cli, run_dirs, tiny_overrides, without_timing, write_dataset
+from conftest import compose, made_once, own_core, read_metrics, run_cli, tiny_overrides, without_timing, write_dataset
 
 
 def metrics(run_dir: Path) -> list[dict]:
     return without_timing(read_metrics(run_dir))
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training beside another xdist worker
+
+
+def refusal(cfg, out_dir: Path) -> str:
+    """The line `python -m balatro_train` would print for this run before exiting with code 2: train()
+    stops with a UserError (found as the command line finds it, inside Hydra's InstantiationException
+    too), in one line, before it writes any checkpoint."""
+    with pytest.raises(Exception) as raised:
+        train(cfg, out_dir)
+    error = user_error_in(raised.value)
+    assert error is not None, f"not a UserError, the command line would print a traceback: {raised.value!r}"
+    assert "\n" not in str(error), str(error)
+    assert not (out_dir / "checkpoints").exists()
+    return str(error)
+
+
+def refused_on_the_command_line(args: list[str], cwd: Path) -> str:
+    """The real command line on a mistake: exit code 2, no traceback, no checkpoint; its output."""
+    result = run_cli(args, cwd=cwd, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not list(cwd.glob("outputs/*/*/checkpoints"))
+    return result.stdout
+
+
+def hydra_main(module, args: list[str], monkeypatch) -> int:
+    """A command line's Hydra entry point (`module.main`) run in this process as `python -m ...`; its exit code."""
+    monkeypatch.setattr(sys, "argv", [module.__name__, *args])
+    threads = torch.get_num_threads()  # a training job takes its share of the cores: give them back after
+    try:
+        module.main()
+    except SystemExit as e:
+        return e.code or 0
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+def cli_threads() -> int:
+    """The torch threads of a command line that run_cli or start_training starts (job.py gives a run its
+    cores): an in-process run on as many threads differs from it only in the last bits."""
+    return 1 if own_core() else threads_for_this_process(1)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def start_training(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -49,12 +110,16 @@ def wait_for(path_glob, cwd: Path, process: subprocess.Popen, timeout: float = 1
     raise AssertionError(f"{path_glob} did not appear")
 
 
+EPOCHS = 3  # of slow_run
+
+
 @pytest.fixture
 def slow_run(tmp_path):
-    """A tiny run with many small steps, so that a signal lands inside an epoch."""
+    """A tiny run with enough steps (10 an epoch) that a signal sent as epoch 1's last.pt appears lands
+    in the middle of the run."""
     root = tmp_path / "labelled"
     data = write_dataset(root, per_class=6)
-    return [*tiny_overrides(data, root), "trainer.batch_size=2", "trainer.epochs=4"]
+    return [*tiny_overrides(data, root), "trainer.batch_size=4", f"trainer.epochs={EPOCHS}"]
 
 
 class StopAfterSteps(threading.Event):
@@ -72,7 +137,8 @@ class StopAfterSteps(threading.Event):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """Two epochs of 24 training images in batches of 2, not interrupted: (config, run folder)."""
+    """Two epochs of 24 training images in batches of 2, not interrupted: (config, run folder). Trained in
+    this process (not shared with the other xdist worker): the tests compare bit for bit."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
     data = write_dataset(tmp / "labelled")
     cfg = compose([*tiny_overrides(data, tmp / "labelled"), "trainer.batch_size=2", "trainer.epochs=2"])
@@ -109,15 +175,15 @@ def test_an_interrupt_at_any_point_resumes_bit_exactly(uninterrupted, tmp_path, 
 
 
 def test_ctrl_c_saves_last_and_the_printed_command_resumes(slow_run, tmp_path):
-    """The real signal, in a real process, in a folder whose name needs quoting. Two processes may
-    differ in the last bits (oneDNN picks kernels by memory alignment), so losses and weights are
-    compared with a tolerance that a wrong resume (another sampler position, other RNG) exceeds by
-    orders of magnitude, and top-k accuracies, which near ties can flip, are not compared here: the
-    in-process test above compares everything bit for bit."""
-    uninterrupted_cwd = tmp_path / "a"
-    uninterrupted_cwd.mkdir()
-    run_cli(slow_run, cwd=uninterrupted_cwd)
-    [uninterrupted] = run_dirs(uninterrupted_cwd)
+    """The real signal, in a real process, in a folder whose name needs quoting, and the printed command
+    run as printed. The uninterrupted run to compare with is trained in this process, on as many threads
+    as the command lines get. Two processes may differ in the last bits (oneDNN picks kernels by memory
+    alignment), so losses and weights are compared with a tolerance that a wrong resume (another sampler
+    position, other RNG) exceeds by orders of magnitude, and top-k accuracies, which near ties can flip,
+    are not compared here: the in-process test above compares everything bit for bit."""
+    with torch_threads(cli_threads()):
+        train(compose(slow_run), tmp_path / "uninterrupted")
+    uninterrupted = tmp_path / "uninterrupted"
 
     process = start_training([*slow_run, "hydra.run.dir=outputs/run with space"], tmp_path)
     wait_for("outputs/run with space/checkpoints/last.pt", tmp_path, process)
@@ -129,12 +195,12 @@ def test_ctrl_c_saves_last_and_the_printed_command_resumes(slow_run, tmp_path):
     command = shlex.split(line.split("to resume: ", 1)[1])
     assert command[:3] == ["python", "-m", "balatro_train"] and command[-1].startswith("resume=")
     interrupted = tmp_path / "outputs" / "run with space"
-    assert len(metrics(interrupted)) < 4
+    assert len(metrics(interrupted)) < EPOCHS
 
     run_cli([*command[3:], "hydra.run.dir=outputs/resumed"], cwd=tmp_path)
     resumed = tmp_path / "outputs" / "resumed"
     rows, expected = metrics(resumed), metrics(uninterrupted)
-    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
     for row, want in zip(rows, expected):
         for key in (k for k in want if k.endswith("loss") or k.startswith("lr")):
             assert row[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (row["epoch"], key)
@@ -145,19 +211,20 @@ def test_ctrl_c_saves_last_and_the_printed_command_resumes(slow_run, tmp_path):
 
 
 def test_kill_9_leaves_a_loadable_checkpoint_that_resumes_to_the_end(slow_run, tmp_path):
-    process = start_training([*slow_run, "trainer.epochs=6"], tmp_path)
+    process = start_training(slow_run, tmp_path)
     last = wait_for("outputs/*/*/checkpoints/last.pt", tmp_path, process)
     time.sleep(0.5)
     process.kill()
     process.wait()
+    assert process.returncode == -signal.SIGKILL  # the kill hit the run, before its end
     state = torch.load(last, weights_only=True)  # complete, whatever moment the kill hit
     assert state["epoch"] >= 1
-    run_cli([*slow_run, "trainer.epochs=6", f"resume={last}"], cwd=tmp_path)
-    resumed = [d for d in run_dirs(tmp_path) if d != last.parents[1]][0]
-    assert [r["epoch"] for r in metrics(resumed)] == [1, 2, 3, 4, 5, 6]
+    train(compose([*slow_run, f"resume={last}"]), tmp_path / "resumed")
+    assert [r["epoch"] for r in metrics(tmp_path / "resumed")] == list(range(1, EPOCHS + 1))
 
 
 def test_malicious_checkpoint_is_refused_without_running_its_code(dataset, tmp_path):
+    """A checkpoint's mistake on the real command line (the other checkpoint tests run in-process)."""
     data, root = dataset
     marker = tmp_path / "pwned"
 
@@ -167,9 +234,8 @@ def test_malicious_checkpoint_is_refused_without_running_its_code(dataset, tmp_p
 
     evil = tmp_path / "evil.pt"
     torch.save({"format": FORMAT, "model": Exploit()}, evil)
-    result = run_cli([*tiny_overrides(data, root), f"resume={evil}"], cwd=tmp_path, check=False)
-    assert result.returncode == 2
-    assert "refused" in result.stdout and "Traceback" not in result.stdout + result.stderr
+    output = refused_on_the_command_line([*tiny_overrides(data, root), f"resume={evil}"], tmp_path)
+    assert "refused" in output
     assert not marker.exists()
 
 
@@ -184,35 +250,43 @@ def test_truncated_or_foreign_checkpoint_fails_with_one_line(dataset, tmp_path, 
         torch.save({"state_dict": torch.zeros(2)}, path)
     else:
         path.write_bytes(content)
-    result = run_cli([*tiny_overrides(data, root), f"init_from={path}"], cwd=tmp_path, check=False)
-    assert result.returncode == 2 and message in result.stdout
-    assert "Traceback" not in result.stdout + result.stderr
+    assert message in refusal(compose([*tiny_overrides(data, root), f"init_from={path}"]), tmp_path / "run")
 
 
-def test_init_from_a_checkpoint_with_other_classes_names_them(tmp_path):
-    first = write_dataset(tmp_path / "first")
-    run_cli([*tiny_overrides(first, tmp_path / "first"), "trainer.epochs=1"], cwd=tmp_path)
-    [run] = run_dirs(tmp_path)
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """A first stage on the tiny set, freeze=all, one epoch, trained once for the session: its
+    overrides (without freeze=) and its last.pt."""
+    def make(work):
+        data = write_dataset(work / "labelled")
+        (work / "overrides.json").write_text(json.dumps(tiny_overrides(data, work / "labelled")))
+        with torch_threads(1):
+            train(compose([*json.loads((work / "overrides.json").read_text()), "freeze=all", "trainer.epochs=1"]),
+                  work / "run")
+
+    work = made_once(tmp_path_factory, "robustness_stage1", make)
+    return SimpleNamespace(overrides=json.loads((work / "overrides.json").read_text()),
+                           last=work / "run" / "checkpoints" / "last.pt")
+
+
+def test_init_from_a_checkpoint_with_other_classes_names_them(stage1, tmp_path):
     second = write_dataset(tmp_path / "second")
     labels = json.loads(second["labels_file"].read_text())
     for meta in labels.values():
         meta["name"] = meta["name"].replace("Mercury", "Venus")
     second["labels_file"].write_text(json.dumps(labels))
     second["augmented"].write_text("{}")
-    result = run_cli([*tiny_overrides(second, tmp_path / "second"), f"init_from={run}/checkpoints/last.pt"],
-                     cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "classes the checkpoint does not know: Venus" in result.stdout
+    message = refusal(compose([*tiny_overrides(second, tmp_path / "second"), f"init_from={stage1.last}"]),
+                      tmp_path / "run")
+    assert "classes the checkpoint does not know: Venus" in message
 
 
-def test_init_from_starts_a_second_stage_with_another_strategy(dataset, tmp_path):
-    data, root = dataset
-    run_cli([*tiny_overrides(data, root), "freeze=all", "trainer.epochs=1"], cwd=tmp_path)
-    [stage1] = run_dirs(tmp_path)
-    run_cli([*tiny_overrides(data, root), "freeze=none", "optimizer=group", "trainer.epochs=1",
-             f"init_from={stage1}/checkpoints/last.pt"], cwd=tmp_path)
-    stage2 = [d for d in run_dirs(tmp_path) if d != stage1][0]
-    before = torch.load(stage1 / "checkpoints/last.pt", weights_only=True)
-    after = torch.load(stage2 / "checkpoints/last.pt", weights_only=True)
+def test_init_from_starts_a_second_stage_with_another_strategy(stage1, tmp_path):
+    train(compose([*stage1.overrides, "freeze=none", "optimizer=group", "trainer.epochs=1",
+                   f"init_from={stage1.last}"]), tmp_path / "stage2")
+    before = torch.load(stage1.last, weights_only=True)
+    after = torch.load(tmp_path / "stage2" / "checkpoints/last.pt", weights_only=True)
+    assert before["config"]["freeze"]["trainable"] == []  # stage 1 trained the heads only
     assert after["epoch"] == 1 and after["class_names"] == before["class_names"]
     assert not torch.equal(before["model"]["backbone.conv1.weight"], after["model"]["backbone.conv1.weight"])
 
@@ -247,11 +321,13 @@ def break_labels(data: dict, how: str) -> str:
 def test_bad_labels_fail_early_with_one_line(dataset, tmp_path, how):
     data, root = dataset
     message = break_labels(data, how)
-    result = run_cli(tiny_overrides(data, root), cwd=tmp_path, check=False)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert message in result.stdout, result.stdout
-    assert "Traceback" not in result.stdout + result.stderr
-    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
+    assert message in refusal(compose(tiny_overrides(data, root)), tmp_path / "run")
+
+
+def test_bad_labels_on_the_command_line_are_one_line_and_exit_2(dataset, tmp_path):
+    data, root = dataset
+    message = break_labels(data, "not json")
+    assert message in refused_on_the_command_line(tiny_overrides(data, root), tmp_path)
 
 
 def test_a_class_left_without_training_images_is_named(dataset, tmp_path):
@@ -267,14 +343,11 @@ def test_a_class_left_without_training_images_is_named(dataset, tmp_path):
     originals = read_labels(data["labels_file"], root)
     extra = read_labels(data["augmented"], root, augmented=True)
     seed = next(s for s in range(100) if lone in split_samples(originals, extra, "name", 0.2, s)[1])
-    result = run_cli([*tiny_overrides(data, root), f"seed={seed}"], cwd=tmp_path, check=False)
-    assert result.returncode == 2
-    assert "task modifier: classes with no training sample after the split: Polychrome" in result.stdout
+    message = refusal(compose([*tiny_overrides(data, root), f"seed={seed}"]), tmp_path / "run")
+    assert "task modifier: classes with no training sample after the split: Polychrome" in message
 
 
-@pytest.mark.parametrize("damage", ["zero bytes", "truncated", "not an image", "missing"])
-def test_bad_image_stops_the_run_or_is_skipped_and_listed(dataset, tmp_path, damage):
-    data, root = dataset
+def damage_image(root: Path, damage: str) -> None:
     victim = root / "dataset_default" / "Mercury_0.png"
     if damage == "zero bytes":
         victim.write_bytes(b"")
@@ -284,15 +357,31 @@ def test_bad_image_stops_the_run_or_is_skipped_and_listed(dataset, tmp_path, dam
         victim.write_text("hello")
     else:
         victim.unlink()
-    result = run_cli(tiny_overrides(data, root), cwd=tmp_path, check=False)
-    assert result.returncode == 2 and "Mercury_0.png" in result.stdout and "on_bad_image=skip" in result.stdout
-    assert "Traceback" not in result.stdout + result.stderr
 
-    run_cli([*tiny_overrides(data, root), "data.on_bad_image=skip", "trainer.epochs=1"], cwd=tmp_path)
-    [run] = [d for d in run_dirs(tmp_path) if (d / "metrics.jsonl").exists()]
+
+@pytest.mark.parametrize("damage", ["zero bytes", "truncated", "not an image", "missing"])
+def test_bad_image_stops_the_run_or_is_skipped_and_listed(dataset, tmp_path, damage):
+    data, root = dataset
+    damage_image(root, damage)
+    message = refusal(compose(tiny_overrides(data, root)), tmp_path / "stopped")
+    assert "Mercury_0.png" in message and "on_bad_image=skip" in message
+
+    train(compose([*tiny_overrides(data, root), "data.on_bad_image=skip", "trainer.epochs=1"]), tmp_path / "run")
+    run = tmp_path / "run"
+    assert [row["epoch"] for row in read_metrics(run)] == [1]
     skipped = json.loads((run / "skipped_images.json").read_text())
     assert list(skipped) == ["Mercury_0.png"]
     assert "Mercury_0.png" not in json.loads((run / "split.json").read_text())["train"]
+
+
+def test_a_bad_image_on_the_command_line_is_one_line_and_exit_2(dataset, tmp_path):
+    data, root = dataset
+    damage_image(root, "truncated")
+    output = refused_on_the_command_line(tiny_overrides(data, root), tmp_path)
+    assert "Mercury_0.png" in output and "on_bad_image=skip" in output
+
+
+UNKNOWN_GROUP_OPTIONS = {"optimizer=sgdx", "scheduler=wobbly", "task=colour"}  # Hydra's composition refuses them
 
 
 @pytest.mark.parametrize("override, message", [
@@ -300,7 +389,8 @@ def test_bad_image_stops_the_run_or_is_skipped_and_listed(dataset, tmp_path, dam
     ("scheduler=wobbly", "Available options in 'scheduler'"),
     ("task=colour", "Available options in 'task'"),
     ("model.backbone=resnet7", "model.backbone=resnet7 is not a torchvision classification model"),
-    ("+tasks.modifier.metrics.auc._target_=torchmetrics.Nope", "tasks.modifier.metrics.auc: cannot build it"),
+    ("+tasks.modifier.metrics.auc._target_=torchmetrics.Nope",
+     "tasks.modifier.metrics.auc._target_=torchmetrics.Nope is not one balatro-train builds"),
     ("data.image_size=16", "too small for the backbone"),
     ("trainer.batch_size=0", "trainer.batch_size=0 must be at least 1"),
     ("trainer.batch_size=1", "trainer.batch_size=1: BatchNorm needs at least 2 images per batch"),
@@ -310,34 +400,63 @@ def test_bad_image_stops_the_run_or_is_skipped_and_listed(dataset, tmp_path, dam
     ("tasks.modifier.train_transforms=sparkle", "tasks.modifier.train_transforms=sparkle is not a pipeline"),
 ])
 def test_unknown_names_and_impossible_values(dataset, tmp_path, override, message):
+    """In-process: the same composition as the command line's (Hydra prints its composition errors
+    without a traceback: tests/test_train.py runs one), then train()'s one-line refusal."""
     data, root = dataset
-    result = run_cli([*tiny_overrides(data, root), override], cwd=tmp_path, check=False)
-    assert result.returncode != 0
-    assert message in result.stdout + result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
+    overrides = [*tiny_overrides(data, root), override]
+    if override in UNKNOWN_GROUP_OPTIONS:
+        with pytest.raises(MissingConfigException) as error:
+            compose(overrides)
+        assert message in str(error.value)
+    else:
+        assert message in refusal(compose(overrides), tmp_path / "run")
+
+
+def test_an_impossible_value_on_the_command_line_is_one_line_and_exit_2(dataset, tmp_path):
+    data, root = dataset
+    output = refused_on_the_command_line([*tiny_overrides(data, root), "trainer.batch_size=1"], tmp_path)
+    assert "trainer.batch_size=1: BatchNorm needs at least 2 images per batch" in output
 
 
 # ---- found when tried as a new user -----------------------------------------------------------------
 
-def test_a_resumed_run_that_trains_no_better_epoch_still_has_and_publishes_its_best(dataset, tmp_path):
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """A finished tiny run of 2 epochs with a checkpoint after each, trained once for the session: its
+    overrides, its folder, its labelled images."""
+    def make(work):
+        data = write_dataset(work / "labelled")
+        overrides = [*tiny_overrides(data, work / "labelled"), "trainer.epochs=2", "trainer.checkpoint_interval=1"]
+        (work / "overrides.json").write_text(json.dumps(overrides))
+        with torch_threads(1):
+            train(compose(overrides), work / "first")
+
+    work = made_once(tmp_path_factory, "robustness_two_epochs", make)
+    return SimpleNamespace(overrides=json.loads((work / "overrides.json").read_text()), dir=work / "first",
+                           images=work / "labelled" / "dataset_default")
+
+
+@pytest.mark.parametrize("resume_from, epochs", [("epoch_001.pt", 1), ("last.pt", 2)],
+                         ids=["after_epoch_1", "finished"])
+def test_a_resumed_run_that_trains_no_better_epoch_still_has_and_publishes_its_best(two_epochs, tmp_path, monkeypatch,
+                                                                                   capsys, resume_from, epochs):
     """Resuming a finished run (or one whose later epochs never beat the saved best) used to end in
-    a FileNotFoundError while publishing, with no best.pt in the new run folder."""
-    data, root = dataset
-    base = [*tiny_overrides(data, root), "trainer.epochs=2", "trainer.checkpoint_interval=1"]
-    run_cli([*base, "hydra.run.dir=outputs/first"], cwd=tmp_path)
-    first = tmp_path / "outputs/first/checkpoints"
-    for resume_from, epochs, name in ((first / "epoch_001.pt", 1, "after_epoch_1"), (first / "last.pt", 2, "finished")):
-        result = run_cli([*base, f"trainer.epochs={epochs}", f"resume={resume_from}", f"hydra.run.dir=outputs/{name}",
-                          f"publish_to=published_{name}.pt"], cwd=tmp_path)
-        assert "Traceback" not in result.stdout + result.stderr
-        history = torch.load(resume_from, weights_only=True)["history"]
-        best = torch.load(tmp_path / f"outputs/{name}/checkpoints/best.pt", weights_only=True)
-        assert best["epoch"] == min(history, key=lambda r: r["val_loss"])["epoch"]
-        assert (tmp_path / f"published_{name}.pt").read_bytes() == \
-            (tmp_path / f"outputs/{name}/checkpoints/best.pt").read_bytes()
-    predicted = run_cli([f"checkpoint={tmp_path / 'outputs/finished'}", f"images={root / 'dataset_default'}"],
-                        cwd=tmp_path, module="balatro_train.predict")
-    assert len(json.loads(predicted.stdout)) == 16
+    a FileNotFoundError while publishing, with no best.pt in the new run folder. The command lines'
+    Hydra entry points run in this process: publishing is theirs (balatro_train/job.py)."""
+    resume_from = two_epochs.dir / "checkpoints" / resume_from
+    monkeypatch.chdir(tmp_path)
+    code = hydra_main(train_module, [*two_epochs.overrides, f"trainer.epochs={epochs}", f"resume={resume_from}",
+                                     "hydra.run.dir=outputs/resumed", "publish_to=published.pt"], monkeypatch)
+    printed = capsys.readouterr()
+    assert code == 0, printed.out + printed.err
+    assert "Traceback" not in printed.out + printed.err
+    history = torch.load(resume_from, weights_only=True)["history"]
+    best = torch.load(tmp_path / "outputs/resumed/checkpoints/best.pt", weights_only=True)
+    assert best["epoch"] == min(history, key=lambda r: r["val_loss"])["epoch"]
+    assert (tmp_path / "published.pt").read_bytes() == (tmp_path / "outputs/resumed/checkpoints/best.pt").read_bytes()
+    assert hydra_main(predict, [f"checkpoint={tmp_path / 'outputs/resumed'}", f"images={two_epochs.images}"],
+                      monkeypatch) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 16
 
 
 def test_an_edition_seen_only_on_an_augmented_copy_of_a_validation_image_is_refused(dataset, tiny_cfg):
@@ -420,15 +539,15 @@ TRUNCATED_CHECKPOINT = truncated_checkpoint()
 
 
 def test_a_rerun_from_a_saved_config_keeps_the_type_checks(tmp_path):
-    """The saved .hydra/config.yaml has no defaults list, so Hydra does not apply the schema to it."""
+    """The saved .hydra/config.yaml has no defaults list, so Hydra does not apply the schema to it. Composed
+    here as `--config-dir <run>/.hydra --config-name config trainer.batch_size=many` composes it."""
     saved = tmp_path / "run" / ".hydra"
     saved.mkdir(parents=True)
     (saved / "config.yaml").write_text(OmegaConf.to_yaml(compose([])))
-    result = run_cli(["--config-dir", str(saved), "--config-name", "config", "trainer.batch_size=many"],
-                     cwd=tmp_path, check=False)
-    assert result.returncode == 2
-    assert "trainer.batch_size: Value 'many' of type 'str' could not be converted to Integer" in result.stdout
-    assert "Traceback" not in result.stdout + result.stderr
+    with hydra.initialize_config_dir(config_dir=str(saved), version_base="1.3"):
+        cfg = hydra.compose("config", overrides=["trainer.batch_size=many"])
+    assert "trainer.batch_size: Value 'many' of type 'str' could not be converted to Integer" in \
+        refusal(cfg, tmp_path / "rerun")
 
 
 def test_processes_side_by_side_share_the_cores(monkeypatch):

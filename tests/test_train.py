@@ -1,23 +1,45 @@
-"""End-to-end training runs on tiny data, driven through the command line as a user would."""
+"""End-to-end training runs on tiny data, driven through the command line as a user would: a single
+run (made once, and read by the tests of its folder, its split and its resume), a re-run from its saved
+config, a multirun sweep. A new task's YAML and the structured config's refusals are checked in-process
+(Hydra's compose API, as the command line composes), with one refusal on the command line."""
 
 from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from conftest import read_metrics, run_cli, run_dirs, tiny_overrides, validation_outputs, without_timing
+from balatro_train.train import train
+from conftest import (compose, made_once, read_metrics, run_cli, run_dirs, tiny_overrides, validation_outputs,
+                      without_timing, write_dataset)
 
 
-def test_single_run_leaves_a_complete_run_folder(dataset, tmp_path):
-    data, root = dataset
-    run_cli([*tiny_overrides(data, root), "trainer.epochs=4", "trainer.checkpoint_interval=2"], cwd=tmp_path)
-    [run] = run_dirs(tmp_path)
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    """`python -m balatro_train` on the tiny set, 4 epochs with a checkpoint every 2, run once for the
+    session (the xdist workers share it): its overrides, its run folder and its labels files."""
+    def make(work):
+        data = write_dataset(work / "labelled")
+        overrides = [*tiny_overrides(data, work / "labelled"), "trainer.epochs=4", "trainer.checkpoint_interval=2"]
+        (work / "overrides.json").write_text(json.dumps(overrides))
+        run_cli(overrides, cwd=work)
+
+    work = made_once(tmp_path_factory, "train_single_run", make)
+    [run] = run_dirs(work)
+    return SimpleNamespace(overrides=json.loads((work / "overrides.json").read_text()), dir=run,
+                           labels_file=work / "labelled" / "dataset_default" / "labels.json",
+                           augmented=work / "labelled" / "augmented" / "augmented.json")
+
+
+def test_single_run_leaves_a_complete_run_folder(single_run):
+    run = single_run.dir
     for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "train.log", "split.json",
                  "checkpoints/best.pt", "checkpoints/last.pt", "checkpoints/epoch_002.pt", "checkpoints/epoch_004.pt"):
         assert (run / name).is_file(), name
@@ -54,13 +76,10 @@ def test_single_run_leaves_a_complete_run_folder(dataset, tmp_path):
     assert "Traceback" not in (run / "train.log").read_text()
 
 
-def test_split_keeps_augmented_copies_of_validation_images_out_of_training(dataset, tmp_path):
-    data, root = dataset
-    run_cli([*tiny_overrides(data, root), "trainer.epochs=1"], cwd=tmp_path)
-    [run] = run_dirs(tmp_path)
-    split = json.loads((run / "split.json").read_text())
-    labels = json.loads(data["labels_file"].read_text())
-    augmented = json.loads(data["augmented"].read_text())
+def test_split_keeps_augmented_copies_of_validation_images_out_of_training(single_run):
+    split = json.loads((single_run.dir / "split.json").read_text())
+    labels = json.loads(single_run.labels_file.read_text())
+    augmented = json.loads(single_run.augmented.read_text())
     assert set(split["val"]) <= set(labels)  # originals only
     for file in split["train"]:
         if file in augmented:
@@ -72,13 +91,10 @@ def test_split_keeps_augmented_copies_of_validation_images_out_of_training(datas
     assert any(f in augmented for f in split["train"])
 
 
-def test_resume_continues_where_the_run_stopped(dataset, tmp_path):
-    data, root = dataset
-    base = [*tiny_overrides(data, root), "trainer.epochs=4", "trainer.checkpoint_interval=2"]
-    run_cli(base, cwd=tmp_path)
-    [full] = run_dirs(tmp_path)
-    run_cli([*base, f"resume={full / 'checkpoints/epoch_002.pt'}"], cwd=tmp_path)
-    resumed = [d for d in run_dirs(tmp_path) if d != full][0]
+def test_resume_continues_where_the_run_stopped(single_run, tmp_path):
+    full = single_run.dir
+    run_cli([*single_run.overrides, f"resume={full / 'checkpoints/epoch_002.pt'}"], cwd=tmp_path)
+    [resumed] = run_dirs(tmp_path)
     assert "resuming from" in (resumed / "train.log").read_text()
     assert json.loads((resumed / "split.json").read_text()) == json.loads((full / "split.json").read_text())
     assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(full))
@@ -110,7 +126,9 @@ def test_multirun_sweep_leaves_one_self_contained_folder_per_job(dataset, tmp_pa
     assert len(seen) == 4
 
 
-def test_a_new_task_is_one_yaml_file(dataset, tmp_path):
+def test_a_new_task_is_one_yaml_file(dataset, tmp_path, one_torch_thread):
+    """A task YAML in the user's own config folder, found through hydra.searchpath: composed as the command
+    line composes it (Hydra's compose API) and trained in-process."""
     data, root = dataset
     extra = tmp_path / "my_conf"
     (extra / "task").mkdir(parents=True)
@@ -121,9 +139,9 @@ def test_a_new_task_is_one_yaml_file(dataset, tmp_path):
         "    field: type\n"
         "    metrics:\n"
         "      top1_acc: {_target_: torchmetrics.classification.MulticlassAccuracy, _partial_: true, average: micro}\n")
-    run_cli([*tiny_overrides(data, root), f"hydra.searchpath=[file://{extra}]", "task=card_type",
-             "trainer.epochs=1"], cwd=tmp_path)
-    [run] = run_dirs(tmp_path)
+    run = tmp_path / "run"
+    train(compose([*tiny_overrides(data, root), f"hydra.searchpath=[file://{extra}]", "task=card_type",
+                   "trainer.epochs=1"]), run)
     [row] = read_metrics(run)
     assert "identification/top1_acc" not in row and "modifier/val_loss" not in row
     assert torch.load(run / "checkpoints/last.pt", weights_only=True)["class_names"] == {"card_type": ["Joker", "Tarot"]}
@@ -138,8 +156,12 @@ def test_a_new_task_is_one_yaml_file(dataset, tmp_path):
 
 
 def test_unknown_key_and_wrong_type_are_refused_by_the_structured_config(dataset, tmp_path):
+    """The unknown key on the command line: Hydra's composition error, printed without a traceback, and
+    nothing ran. The wrong type in-process: the same composition fails, naming the key."""
     data, root = dataset
-    for override, key in (("trainer.epoch=3", "epoch"), ("trainer.batch_size=many", "batch_size")):
-        result = run_cli([*tiny_overrides(data, root), override], cwd=tmp_path, check=False)
-        assert result.returncode != 0 and key in result.stderr
-        assert not (tmp_path / "outputs").exists()  # nothing ran
+    result = run_cli([*tiny_overrides(data, root), "trainer.epoch=3"], cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "epoch" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing ran
+    with pytest.raises(ConfigCompositionException, match="batch_size"):
+        compose([*tiny_overrides(data, root), "trainer.batch_size=many"])
