@@ -110,6 +110,19 @@ def run_cli(args: list[str], cwd: Path, module: str = "balatro_train", check: bo
     return result
 
 
+def hydra_main(module, args: list[str], monkeypatch) -> int:
+    """A command line's Hydra entry point (`module.main`) run in this process as `python -m ...`; its exit code."""
+    monkeypatch.setattr(sys, "argv", [module.__name__, *args])
+    threads = torch.get_num_threads()  # a training job takes its share of the cores: give them back after
+    try:
+        module.main()
+    except SystemExit as e:
+        return e.code or 0
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
 def run_dirs(cwd: Path) -> list[Path]:
     """Single-run folders, oldest first (outputs/<date>/<time>/)."""
     return sorted(p for p in (cwd / "outputs").glob("*/*") if (p / ".hydra").is_dir() and "multirun" not in p.parts)

@@ -9,7 +9,6 @@ import os
 import resource
 import shutil
 import signal
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,14 +20,14 @@ from omegaconf import open_dict
 
 from balatro_train import enroll, evaluate, export, predict
 from balatro_train import train as train_module
-from balatro_train.checkpoint import load_checkpoint, save_checkpoint
+from balatro_train.checkpoint import save_checkpoint
 from balatro_train.data import build_data
 from balatro_train.errors import UserError
 from balatro_train.inference import Recognizer
 from balatro_train.job import check_publish_target
 from balatro_train.run_folder import RunFolderGuard, new_folder
 from balatro_train.train import train
-from conftest import compose, made_once, read_metrics, tiny_overrides, write_dataset
+from conftest import compose, hydra_main, made_once, read_metrics, tiny_overrides, write_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training beside another xdist worker
 RUN = ["trainer.epochs=3", "trainer.checkpoint_interval=1", "publish_to=null"]
@@ -47,19 +46,6 @@ def run(tmp_path_factory):
                            overrides=json.loads((work / "overrides.json").read_text()),
                            labels_file=work / "labelled" / "dataset_default" / "labels.json",
                            image=next((work / "labelled" / "dataset_default").glob("*.png")))
-
-
-def hydra_main(module, args: list[str], monkeypatch) -> int:
-    """A command line's Hydra entry point (`module.main`) run in this process as `python -m ...`; its exit code."""
-    monkeypatch.setattr(sys, "argv", [module.__name__, *args])
-    threads = torch.get_num_threads()  # a training job takes its share of the cores: give them back after
-    try:
-        module.main()
-    except SystemExit as e:
-        return e.code or 0
-    finally:
-        torch.set_num_threads(threads)
-    return 0
 
 
 # ---- a checkpoint never acts ------------------------------------------------------------------------------
@@ -184,12 +170,18 @@ def test_a_sweep_relaunched_into_an_old_folder_resumes_only_its_own_jobs(run, tm
 
 # ---- a resume goes on with its own run --------------------------------------------------------------------
 
-@pytest.mark.parametrize("change, key", [("freeze=all", "freeze.trainable"), ("scheduler=plateau", "scheduler._target_"),
-                                         ("optimizer=group", "optimizer.lr_backbone"),
-                                         ("optimizer.lr=1e-2", "optimizer.lr")])
-def test_resume_with_other_settings_names_the_key_before_loading_any_state(run, tmp_path, change, key):
+@pytest.mark.parametrize("change, difference", [
+    ("freeze=all", r"freeze.trainable is \[\] here but None"),
+    ("scheduler=plateau", r"scheduler._target_ is torch.optim.lr_scheduler.ReduceLROnPlateau here but "
+                          r"balatro_train.optim.warmup_cosine"),
+    ("optimizer=group", r"optimizer.lr_backbone is 1e-05 here but \(not set\)"),
+    ("optimizer.lr=1e-2", r"optimizer.lr is 0.01 here but 0.003"),
+    # trainer.epochs may change, but the default schedule's length follows it: the restored one would not
+    ("trainer.epochs=5", r"scheduler.epochs is 5 here but 3 in the run it resumes \(it follows \$\{trainer.epochs\}\)"),
+])
+def test_resume_with_other_settings_names_the_key_before_loading_any_state(run, tmp_path, change, difference):
     last = run.checkpoints / "last.pt"
-    with pytest.raises(UserError, match=rf"^resume={last}: {key} is .* but .* in the run it resumes; .* init_from="):
+    with pytest.raises(UserError, match=rf"^resume={last}: {difference}.*; a resume goes on .* init_from={last}$"):
         train(compose([*run.overrides, change, f"resume={last}"]), tmp_path / "resumed")
 
 

@@ -242,9 +242,12 @@ def check_compatible(checkpoint: dict, cfg, key: str) -> None:
     difference = key == "resume" and first_difference(checkpoint["config"], OmegaConf.to_container(cfg, resolve=True))
     if difference:
         name, old, new = difference
-        raise UserError(f"resume={cfg.resume}: {name} is {new} here but {old} in the run it resumes; a resume goes on "
-                        f"with that run's settings (its optimizer and scheduler state too): drop the change, or "
-                        f"start a new stage from its weights with init_from={cfg.resume}")
+        # e.g. scheduler.epochs: ${trainer.epochs}, which a resume may change, but the restored scheduler would not
+        given_as = flat(OmegaConf.to_container(cfg, resolve=False)).get(name)
+        follows = f" (it follows {given_as})" if isinstance(given_as, str) and "${" in given_as else ""
+        raise UserError(f"resume={cfg.resume}: {name} is {new} here but {old} in the run it resumes{follows}; a resume "
+                        f"goes on with that run's settings (its optimizer and scheduler state too): drop the change, "
+                        f"or start a new stage from its weights with init_from={cfg.resume}")
 
 
 def rng_state() -> dict:
