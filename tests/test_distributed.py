@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from conftest import own_core, run_cli, tiny_overrides
+from balatro_train.train import train
+from conftest import compose, own_core, tiny_overrides
 
 
 def test_two_process_ddp_matches_a_single_process_run(dataset, tmp_path):
@@ -17,7 +19,12 @@ def test_two_process_ddp_matches_a_single_process_run(dataset, tmp_path):
     # A frozen backbone keeps BatchNorm on its running statistics, so per-process batches
     # compute exactly what the global batch computes and the runs must agree closely.
     args = [*tiny_overrides(data, root), "freeze=all", "trainer.epochs=2"]
-    run_cli([*args, "hydra.run.dir=outputs/single"], cwd=tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # beside the other xdist worker; the single process's numbers do not depend on it
+    try:  # the one-process run to compare with, in this process
+        train(compose(args), tmp_path / "outputs/single")
+    finally:
+        torch.set_num_threads(threads)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "balatro_train",
          *args, "hydra.run.dir=outputs/ddp"],

@@ -14,7 +14,7 @@ from conftest import run_cli, tiny_overrides
 def test_the_quality_benchmark_reports_every_seed_and_their_mean(dataset, tmp_path):
     data, root = dataset
     run_cli(["-m", "benchmark=quality", "seed=range(2)", *tiny_overrides(data, root),
-             "trainer.epochs=2", "hydra.sweep.dir=outputs/quality"], cwd=tmp_path)
+             "trainer.epochs=1", "hydra.sweep.dir=outputs/quality"], cwd=tmp_path)
     sweep = tmp_path / "outputs" / "quality"
     report = json.loads((sweep / "quality.json").read_text())
     assert report["seeds"] == [0, 1] and report["wall_seconds"] > 0

@@ -2,7 +2,8 @@
 
 A mistake in the config, the labels, the images or a checkpoint is checked in-process (`refusal`: the
 UserError that the command line prints as its one line with exit code 2), and each kind of mistake once
-through the real command line (`refused_on_the_command_line`). Ctrl-C and kill -9 are real processes."""
+through the command line's Hydra entry point (`refused_on_the_command_line`, in this process; a hostile
+checkpoint through a real process). Ctrl-C and kill -9 are real processes."""
 
 from __future__ import annotations
 
@@ -56,13 +57,17 @@ def refusal(cfg, out_dir: Path) -> str:
     return str(error)
 
 
-def refused_on_the_command_line(args: list[str], cwd: Path) -> str:
-    """The real command line on a mistake: exit code 2, no traceback, no checkpoint; its output."""
-    result = run_cli(args, cwd=cwd, check=False)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
+def refused_on_the_command_line(args: list[str], cwd: Path, monkeypatch, capsys) -> str:
+    """The command line's Hydra entry point, in this process, on a mistake: exit code 2, no traceback, no
+    checkpoint; its output. (test_malicious_checkpoint_is_refused_without_running_its_code is the real
+    process.)"""
+    monkeypatch.chdir(cwd)
+    code = hydra_main(train_module, args, monkeypatch)
+    output = "".join(capsys.readouterr())
+    assert code == 2, output
+    assert "Traceback" not in output
     assert not list(cwd.glob("outputs/*/*/checkpoints"))
-    return result.stdout
+    return output
 
 
 def cli_threads() -> int:
@@ -222,7 +227,10 @@ def test_malicious_checkpoint_is_refused_without_running_its_code(dataset, tmp_p
 
     evil = tmp_path / "evil.pt"
     torch.save({"format": FORMAT, "model": Exploit()}, evil)
-    output = refused_on_the_command_line([*tiny_overrides(data, root), f"resume={evil}"], tmp_path)
+    result = run_cli([*tiny_overrides(data, root), f"resume={evil}"], cwd=tmp_path, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
     assert "refused" in output
     assert not marker.exists()
 
@@ -312,10 +320,10 @@ def test_bad_labels_fail_early_with_one_line(dataset, tmp_path, how):
     assert message in refusal(compose(tiny_overrides(data, root)), tmp_path / "run")
 
 
-def test_bad_labels_on_the_command_line_are_one_line_and_exit_2(dataset, tmp_path):
+def test_bad_labels_on_the_command_line_are_one_line_and_exit_2(dataset, tmp_path, monkeypatch, capsys):
     data, root = dataset
     message = break_labels(data, "not json")
-    assert message in refused_on_the_command_line(tiny_overrides(data, root), tmp_path)
+    assert message in refused_on_the_command_line(tiny_overrides(data, root), tmp_path, monkeypatch, capsys)
 
 
 def test_a_class_left_without_training_images_is_named(dataset, tmp_path):
@@ -362,10 +370,10 @@ def test_bad_image_stops_the_run_or_is_skipped_and_listed(dataset, tmp_path, dam
     assert "Mercury_0.png" not in json.loads((run / "split.json").read_text())["train"]
 
 
-def test_a_bad_image_on_the_command_line_is_one_line_and_exit_2(dataset, tmp_path):
+def test_a_bad_image_on_the_command_line_is_one_line_and_exit_2(dataset, tmp_path, monkeypatch, capsys):
     data, root = dataset
     damage_image(root, "truncated")
-    output = refused_on_the_command_line(tiny_overrides(data, root), tmp_path)
+    output = refused_on_the_command_line(tiny_overrides(data, root), tmp_path, monkeypatch, capsys)
     assert "Mercury_0.png" in output and "on_bad_image=skip" in output
 
 
@@ -400,9 +408,10 @@ def test_unknown_names_and_impossible_values(dataset, tmp_path, override, messag
         assert message in refusal(compose(overrides), tmp_path / "run")
 
 
-def test_an_impossible_value_on_the_command_line_is_one_line_and_exit_2(dataset, tmp_path):
+def test_an_impossible_value_on_the_command_line_is_one_line_and_exit_2(dataset, tmp_path, monkeypatch, capsys):
     data, root = dataset
-    output = refused_on_the_command_line([*tiny_overrides(data, root), "trainer.batch_size=1"], tmp_path)
+    output = refused_on_the_command_line([*tiny_overrides(data, root), "trainer.batch_size=1"], tmp_path, monkeypatch,
+                                         capsys)
     assert "trainer.batch_size=1: BatchNorm needs at least 2 images per batch" in output
 
 
