@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import numpy as np
@@ -217,3 +218,65 @@ def validation_outputs(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[
     images = torch.stack([data.val[i][0] for i in range(len(data.val))])
     with torch.no_grad():
         return model(images), data.val.targets
+
+
+# ---- command lines in this process, and the cosine-head model shared by test_openset and test_outputs ---
+
+def run_main(module, args: list[str], monkeypatch, capsys) -> SimpleNamespace:
+    """`hydra_main` with what the command printed: .returncode, .stdout, .stderr as run_cli's result has them
+    (capsys: the test's; what was printed before this call is dropped)."""
+    capsys.readouterr()
+    code = hydra_main(module, args, monkeypatch)
+    printed = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=printed.out, stderr=printed.err)
+
+
+NEW_CARD = "Mercury"  # the card the cosine model never saw
+# Flat-coloured cards of one edition separate in a cosine head within a few dozen steps; label smoothing
+# would stop the true class's cosine early (it caps the logit gap), so it is off for this tiny model.
+COSINE = ["task=identification", "tasks.identification.head=cosine", "tasks.identification.label_smoothing=0",
+          "trainer.epochs=25", "trainer.patience=0", "scheduler=cosine", "publish_to=null"]
+
+
+def write_cards(root: Path, per_card: int = 8) -> Path:
+    """labels.json of `per_card` Base screenshots of each tiny card; returns its path."""
+    rng, labels = np.random.default_rng(0), {}
+    (root / "cards").mkdir(parents=True, exist_ok=True)
+    for name in NAMES:
+        for i in range(per_card):
+            file = f"{name.replace(' ', '_')}_{i}.png"
+            card_image(name, "Base", rng).save(root / "cards" / file)
+            labels[file] = {"name": name, "type": "Planet" if name == NEW_CARD else "Joker", "rarity": "Common",
+                            "modifier": "Base", "full_path": f"cards/{file}"}
+    (root / "cards" / "labels.json").write_text(json.dumps(labels, indent=1))
+    return root / "cards" / "labels.json"
+
+
+def never_seen_cards() -> dict[str, np.ndarray]:
+    """Images unlike any of the flat-coloured cards. A model trained for a few dozen steps on three flat
+    colours has a rough embedding, so not every one of them falls below its threshold, but some do."""
+    rows, columns = np.indices((48, 36))
+    stripes = lambda mask: np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=2)  # noqa: E731
+    return {"stripes": stripes(columns % 6 == 0), "bands": stripes(rows % 6 == 0),
+            "checker": stripes((rows + columns) // 4 % 2 == 1), "grey": np.full((48, 36, 3), 128, np.uint8),
+            "white": np.full((48, 36, 3), 255, np.uint8), "black": np.zeros((48, 36, 3), np.uint8),
+            "noise": np.random.default_rng(0).integers(0, 256, (48, 36, 3), dtype=np.uint8)}
+
+
+def cosine_model_folder(tmp_path_factory) -> Path:
+    """A cosine-head model (COSINE, 32 px) trained in-process on three of the four tiny cards, not NEW_CARD:
+    <folder>/run/checkpoints/best.pt, its screenshots <folder>/labelled/cards/ (every card, labels.json) and
+    never_seen_<name>.png images; made once per session (`made_once`). Train under `one_torch_thread`."""
+    def make(work):
+        from balatro_train.train import train
+
+        labels_file = write_cards(work / "labelled")
+        labels = json.loads(labels_file.read_text())
+        known = labels_file.with_name("known.json")
+        known.write_text(json.dumps({f: m for f, m in labels.items() if m["name"] != NEW_CARD}))
+        train(compose([*tiny_overrides({"labels_file": known, "augmented": ""}, work / "labelled"), *COSINE]),
+              work / "run")
+        for name, image in never_seen_cards().items():
+            Image.fromarray(image).save(work / f"never_seen_{name}.png")
+
+    return made_once(tmp_path_factory, "cosine_model", make)

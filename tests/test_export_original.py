@@ -3,8 +3,10 @@ loads unchanged. Loaded here as it loads it, into a module with its key layout, 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+from contextlib import redirect_stderr, redirect_stdout
 from types import SimpleNamespace
 
 import pytest
@@ -14,9 +16,12 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms
 
+import balatro_train.export as export_main
+import balatro_train.predict as predict_main
 from balatro_train.checkpoint import load_checkpoint
 from balatro_train.export import export
-from conftest import run_cli, run_dirs, tiny_overrides, write_dataset
+from balatro_train.train import train
+from conftest import compose, hydra_main, made_once, run_main, tiny_overrides, write_dataset
 
 TASKS = ("identification", "modifier")
 
@@ -42,28 +47,39 @@ ORIGINAL_TRANSFORM = transforms.Compose([
 ])
 
 
+def command(module, args: list[str]) -> tuple[str, str]:
+    """`python -m <module> <args>` run in this process (its Hydra entry point); its stdout and stderr."""
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(io.StringIO()) as out, \
+            redirect_stderr(io.StringIO()) as err:
+        code = hydra_main(module, args, patch)
+    assert code == 0, err.getvalue()
+    return out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 1-epoch model at 224 px, the predict CLI's top-1 on its images, and its format=original export."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # the predict/export subprocesses (training sets its own)
-        work = tmp_path_factory.mktemp("original")
+def trained(tmp_path_factory, one_torch_thread):
+    """A 1-epoch model at 224 px, the predict CLI's top-1 on its images, and its format=original export
+    (trained in-process, the command lines' entry points run in this process); made once per session and
+    shared by the xdist workers."""
+    def make(work):
         data = write_dataset(work / "labelled")
         # The recipe this test was tuned with (no label smoothing, no weight decay: AdamW is then Adam):
         # two resize implementations agree to 1e-4 in probability on that model.
-        run_cli([*tiny_overrides(data, work / "labelled"), "data.image_size=224", "trainer.epochs=1",
-                 "publish_to=null", "scheduler=cosine", "optimizer.weight_decay=0",
-                 "tasks.identification.label_smoothing=0", "tasks.modifier.label_smoothing=0"], cwd=work)
-        [run] = run_dirs(work)
-        images = work / "labelled" / "dataset_default"
-        predicted = run_cli([f"checkpoint={run}", f"images={images}", "topk=1"], cwd=work,
-                            module="balatro_train.predict")
-        exported = run_cli([f"checkpoint={run}", "format=original"], cwd=work, module="balatro_train.export")
-        yield SimpleNamespace(work=work, run=run, checkpoint=run / "checkpoints" / "best.pt", images=images,
-                              predictions=json.loads(predicted.stdout), export_stderr=exported.stderr)
-    torch.set_num_threads(threads)
+        train(compose([*tiny_overrides(data, work / "labelled"), "data.image_size=224", "trainer.epochs=1",
+                       "publish_to=null", "scheduler=cosine", "optimizer.weight_decay=0",
+                       "tasks.identification.label_smoothing=0", "tasks.modifier.label_smoothing=0"]), work / "run")
+        predicted, _ = command(predict_main, [f"checkpoint={work / 'run'}",
+                                              f"images={work / 'labelled' / 'dataset_default'}", "topk=1"])
+        (work / "predictions.json").write_text(predicted)
+        _, exported = command(export_main, [f"checkpoint={work / 'run'}", "format=original"])
+        (work / "export_stderr.txt").write_text(exported)
+
+    work = made_once(tmp_path_factory, "original_model", make)
+    run = work / "run"
+    return SimpleNamespace(work=work, run=run, checkpoint=run / "checkpoints" / "best.pt",
+                           images=work / "labelled" / "dataset_default",
+                           predictions=json.loads((work / "predictions.json").read_text()),
+                           export_stderr=(work / "export_stderr.txt").read_text())
 
 
 def test_their_loader_reads_it_and_agrees_with_predict_on_every_image(trained):
@@ -89,12 +105,12 @@ def test_their_loader_reads_it_and_agrees_with_predict_on_every_image(trained):
             assert probs[n].max().item() == pytest.approx(ours["raw"][task]["probs"][0], abs=1e-4)
 
 
-def test_another_backbone_is_refused_in_one_line_with_exit_2(trained, tmp_path):
+def test_another_backbone_is_refused_in_one_line_with_exit_2(trained, tmp_path, monkeypatch, capsys):
     state = load_checkpoint(trained.checkpoint)
     state["config"]["model"]["backbone"] = "mobilenet_v3_small"
     torch.save(state, tmp_path / "mobilenet.pt")
-    result = run_cli([f"checkpoint={tmp_path / 'mobilenet.pt'}", "format=original"], cwd=tmp_path,
-                     module="balatro_train.export", check=False)
+    monkeypatch.chdir(tmp_path)
+    result = run_main(export_main, [f"checkpoint={tmp_path / 'mobilenet.pt'}", "format=original"], monkeypatch, capsys)
     assert result.returncode == 2 and result.stdout == ""
     [line] = result.stderr.strip().splitlines()
     assert "format=original needs a resnet18 model, this one is mobilenet_v3_small" in line

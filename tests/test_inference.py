@@ -1,9 +1,12 @@
-"""Predict, evaluate and export on one tiny trained model, through the command lines as a user runs them."""
+"""Predict, evaluate and export on one tiny trained model, through the command lines as a user runs them
+(their Hydra entry points, run in this process: test_outputs.py runs a real `export` command line)."""
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
+from contextlib import redirect_stdout
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +15,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+import balatro_train.enroll as enroll_main
+import balatro_train.evaluate as evaluate_main
+import balatro_train.export as export_main
+import balatro_train.predict as predict_main
 from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint
 from balatro_train.errors import UserError
 from balatro_train.evaluate import evaluate, misclassified_grid
@@ -19,21 +26,11 @@ from balatro_train.export import export
 from balatro_train.inference import Recognizer
 from balatro_train.preprocessing import load_image
 from balatro_train.predict import find_images, predict
-from conftest import made_once, run_cli, run_dirs, tiny_overrides, write_dataset
+from balatro_train.train import train
+from conftest import compose, hydra_main, made_once, run_main, tiny_overrides, write_dataset
 
 TASKS = ("identification", "modifier")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread_per_process():
-    """The suite runs two xdist workers on two cores: a worker and the CLI it starts each spinning two torch
-    threads would oversubscribe the cores many times over (here 2-10x slower). Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # the predict/evaluate/export subprocesses (training sets its own)
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training and inference: one thread a worker
 
 
 CONFIDENT = ["scheduler=cosine", "optimizer.weight_decay=0", "tasks.identification.label_smoothing=0",
@@ -43,19 +40,24 @@ CONFIDENT = ["scheduler=cosine", "optimizer.weight_decay=0", "tasks.identificati
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny model (32 px, 2 epochs) and the predict CLI's output on its images, shared by every test
-    here. Under pytest-xdist the first worker makes them and the others wait for it and reuse them."""
+    here. Under pytest-xdist the first worker makes them and the others wait for it and reuse them. Trained
+    in-process; the predict command line's entry point runs in this process too, its stdout captured."""
     def make(work):
         data = write_dataset(work / "labelled")
         # Sure enough of its answers after two epochs for labels to pass predict's threshold of 0.3:
         # no warmup, no label smoothing, no weight decay (AdamW is then Adam).
-        run_cli([*tiny_overrides(data, work / "labelled"), "trainer.epochs=2", "publish_to=null", *CONFIDENT], cwd=work)
+        train(compose([*tiny_overrides(data, work / "labelled"), "trainer.epochs=2", "publish_to=null", *CONFIDENT]),
+              work / "run")
         # logging goes to stderr, so stdout is pure JSON; threshold=0.3 only filters "labels"
-        result = run_cli([f"checkpoint={run_dirs(work)[0]}", f"images={work / 'labelled/dataset_default'}",
-                          "topk=3", "threshold=0.3"], cwd=work, module="balatro_train.predict")
-        (work / "predictions.json").write_text(result.stdout)
+        with pytest.MonkeyPatch.context() as patch, redirect_stdout(io.StringIO()) as stdout:
+            patch.chdir(work)
+            args = [f"checkpoint={work / 'run'}", f"images={work / 'labelled/dataset_default'}", "topk=3", "threshold=0.3"]
+            code = hydra_main(predict_main, args, patch)
+        assert code == 0
+        (work / "predictions.json").write_text(stdout.getvalue())
 
     work = made_once(tmp_path_factory, "inference_model", make)
-    [run] = run_dirs(work)
+    run = work / "run"
     state = load_checkpoint(run / "checkpoints" / "best.pt")
     root = work / "labelled"
     return SimpleNamespace(work=work, root=root, labels_file=root / "dataset_default" / "labels.json", run=run,
@@ -120,10 +122,13 @@ def test_transparent_numpy_images_are_flattened_like_training_files(trained, tmp
     assert np.array_equal(recognizer.prepare(rgba), from_file)
 
 
-def test_evaluate_writes_report_metrics_and_figures(trained):
+def test_evaluate_writes_report_metrics_and_figures(trained, tmp_path, monkeypatch, capsys):
     out = trained.work / "evaluation"
-    run_cli([f"checkpoint={trained.checkpoint}", f"dataset.labels_file={trained.labels_file}",
-             f"dataset.root={trained.root}", f"out_dir={out}"], cwd=trained.work, module="balatro_train.evaluate")
+    monkeypatch.chdir(tmp_path)
+    args = [f"checkpoint={trained.checkpoint}", f"dataset.labels_file={trained.labels_file}", f"dataset.root={trained.root}",
+            f"out_dir={out}"]
+    evaluated = run_main(evaluate_main, args, monkeypatch, capsys)
+    assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_images"] == 16  # every original, no augmented copy
     for task in TASKS:
@@ -165,13 +170,14 @@ def uint8_images(batch: int) -> torch.Tensor:
     return torch.randint(0, 256, (batch, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(batch))
 
 
-def test_onnx_export_matches_pytorch_for_a_dynamic_batch(trained):
+def test_onnx_export_matches_pytorch_for_a_dynamic_batch(trained, tmp_path, monkeypatch, capsys):
     import onnx
     import onnxruntime as ort
 
     out = trained.work / "export" / "cards.onnx"
-    run_cli([f"checkpoint={trained.run}", "format=onnx", f"out={out}"], cwd=trained.work,
-            module="balatro_train.export")
+    monkeypatch.chdir(tmp_path)
+    exported = run_main(export_main, [f"checkpoint={trained.run}", "format=onnx", f"out={out}"], monkeypatch, capsys)
+    assert exported.returncode == 0, exported.stderr
     sidecar = json.loads((out.with_suffix(".json")).read_text())
     assert sidecar["class_names"] == trained.class_names and sidecar["preprocessing"]["image_size"] == 32
     assert sidecar["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
@@ -190,7 +196,7 @@ def test_onnx_export_matches_pytorch_for_a_dynamic_batch(trained):
 
 
 def test_torchscript_export_loads_and_matches(trained):
-    out = export(trained.checkpoint, "torchscript")  # in-process: the ONNX test covers the command line
+    out = export(trained.checkpoint, "torchscript")  # the function: the ONNX test covers the command line's main
     assert out == trained.checkpoint.with_name("best.torchscript.pt")  # the default: next to the checkpoint
     extra = {"balatro_train.json": ""}
     with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; loading still works
@@ -205,9 +211,9 @@ def test_torchscript_export_loads_and_matches(trained):
             assert (got[task] - logits).abs().max() < 1e-4
 
 
-def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path):
-    result = run_cli([f"checkpoint={tmp_path / 'nope.pt'}", "images=x.png"], cwd=tmp_path,
-                     module="balatro_train.predict", check=False)
+def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    result = run_main(predict_main, [f"checkpoint={tmp_path / 'nope.pt'}", "images=x.png"], monkeypatch, capsys)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert f"checkpoint={tmp_path / 'nope.pt'}: no such checkpoint file" in line and "Traceback" not in line
@@ -219,10 +225,12 @@ def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path):
             run()
 
 
-def test_enrolling_into_a_checkpoint_without_an_embedding_head_is_one_line_naming_it(trained, tmp_path):
+def test_enrolling_into_a_checkpoint_without_an_embedding_head_is_one_line_naming_it(trained, tmp_path, monkeypatch,
+                                                                                   capsys):
     """A linear head has no prototypes to add a card to: the CLI says so before reading any screenshot."""
-    result = run_cli([f"checkpoint={trained.checkpoint}", f"images={tmp_path / 'not_read.png'}", "name=Mercury",
-                      f"out={tmp_path / 'never.pt'}"], cwd=tmp_path, module="balatro_train.enroll", check=False)
+    monkeypatch.chdir(tmp_path)
+    result = run_main(enroll_main, [f"checkpoint={trained.checkpoint}", f"images={tmp_path / 'not_read.png'}",
+                                    "name=Mercury", f"out={tmp_path / 'never.pt'}"], monkeypatch, capsys)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert f"checkpoint={trained.checkpoint}: none of its tasks has an embedding head" in line

@@ -1,11 +1,11 @@
 """Cards the model never saw: the cosine head, its calibrated "unknown", enrolment without training, and
-the open-set benchmark's figures; through the command lines a user runs, on one tiny trained model."""
+the open-set benchmark's figures; through the command lines a user runs (their Hydra entry points in this
+process, one enrolment as a real command line), on one tiny trained model."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
+import balatro_train.enroll as enroll_main
+import balatro_train.evaluate as evaluate_main
+import balatro_train.predict as predict_main
 from balatro_train.checkpoint import load_checkpoint
 from balatro_train.data import build_data
 from balatro_train.embedding import MarginCrossEntropyLoss, unknown_threshold
@@ -25,46 +28,17 @@ from balatro_train.inference import Recognizer
 from balatro_train.model import build_model, head_factories
 from balatro_train.openset import seed_result
 from balatro_train.train import train
-from conftest import NAMES, card_image, compose, made_once, run_cli, run_dirs, tiny_overrides
+from conftest import COSINE, NEW_CARD, compose, cosine_model_folder, run_cli, run_main, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-# Flat-coloured cards of one edition separate in a cosine head within a few dozen steps; label smoothing
-# would stop the true class's cosine early (it caps the logit gap), so it is off for this tiny model.
-COSINE = ["task=identification", "tasks.identification.head=cosine", "tasks.identification.label_smoothing=0",
-          "trainer.epochs=25", "trainer.patience=0", "scheduler=cosine", "publish_to=null"]
-NEW_CARD = "Mercury"
-
-
-def write_cards(root: Path, per_card: int = 8) -> Path:
-    """labels.json of `per_card` Base screenshots of each tiny card; returns its path."""
-    rng, labels = np.random.default_rng(0), {}
-    (root / "cards").mkdir(parents=True, exist_ok=True)
-    for name in NAMES:
-        for i in range(per_card):
-            file = f"{name.replace(' ', '_')}_{i}.png"
-            card_image(name, "Base", rng).save(root / "cards" / file)
-            labels[file] = {"name": name, "type": "Planet" if name == NEW_CARD else "Joker", "rarity": "Common",
-                            "modifier": "Base", "full_path": f"cards/{file}"}
-    (root / "cards" / "labels.json").write_text(json.dumps(labels, indent=1))
-    return root / "cards" / "labels.json"
 
 
 @pytest.fixture(scope="module")
 def cosine_model(tmp_path_factory):
     """A cosine-head model trained on three of the four tiny cards (not Mercury); shared by the module's
-    tests and, under pytest-xdist, by its workers (the first makes it, the others wait and reuse it)."""
-    def make(work):
-        labels_file = write_cards(work / "labelled")
-        labels = json.loads(labels_file.read_text())
-        known = labels_file.with_name("known.json")
-        known.write_text(json.dumps({f: m for f, m in labels.items() if m["name"] != NEW_CARD}))
-        run_cli([*tiny_overrides({"labels_file": known, "augmented": ""}, work / "labelled"), *COSINE], cwd=work)
-        for name, image in never_seen_cards().items():
-            Image.fromarray(image).save(work / f"never_seen_{name}.png")
-
-    work = made_once(tmp_path_factory, "cosine_model", make)
-    root = work / "labelled"
-    [run] = run_dirs(work)
+    tests, by test_outputs.py and, under pytest-xdist, by the workers (conftest.cosine_model_folder)."""
+    work = cosine_model_folder(tmp_path_factory)
+    root, run = work / "labelled", work / "run"
     labels = json.loads((root / "cards" / "labels.json").read_text())
     new_card = sorted(root / "cards" / f for f, m in labels.items() if m["name"] == NEW_CARD)
     return SimpleNamespace(work=work, root=root, run=run, checkpoint=run / "checkpoints" / "best.pt",
@@ -73,19 +47,19 @@ def cosine_model(tmp_path_factory):
                            never_seen=sorted(work.glob("never_seen_*.png")))
 
 
-def never_seen_cards() -> dict[str, np.ndarray]:
-    """Images unlike any of the flat-coloured cards. A model trained for a few dozen steps on three flat
-    colours has a rough embedding, so not every one of them falls below its threshold, but some do."""
-    rows, columns = np.indices((48, 36))
-    stripes = lambda mask: np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=2)  # noqa: E731
-    return {"stripes": stripes(columns % 6 == 0), "bands": stripes(rows % 6 == 0),
-            "checker": stripes((rows + columns) // 4 % 2 == 1), "grey": np.full((48, 36, 3), 128, np.uint8),
-            "white": np.full((48, 36, 3), 255, np.uint8), "black": np.zeros((48, 36, 3), np.uint8),
-            "noise": np.random.default_rng(0).integers(0, 256, (48, 36, 3), dtype=np.uint8)}
+@pytest.fixture
+def tool(monkeypatch, capsys, tmp_path):
+    """`tool(module, *args)`: `python -m <module> <args>` run in this process from tmp_path (conftest.run_main):
+    the result's .returncode, .stdout and .stderr."""
+    monkeypatch.chdir(tmp_path)
+    return lambda module, *args: run_main(module, [*args], monkeypatch, capsys)
 
 
-def predict_cli(model, *args: str) -> dict:
-    return json.loads(run_cli([*args], cwd=model.work, module="balatro_train.predict").stdout)
+def predict_cli(tool, *args: str) -> dict:
+    """`python -m balatro_train.predict <args>`'s JSON on stdout; it must succeed."""
+    result = tool(predict_main, *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def test_the_checkpoint_carries_the_threshold_that_accepts_95_percent_of_validation_images(cosine_model):
@@ -98,9 +72,9 @@ def test_the_checkpoint_carries_the_threshold_that_accepts_95_percent_of_validat
     assert (scores["identification"] >= threshold).float().mean() >= 0.8  # 6 images: all but the lowest
 
 
-def test_cards_never_seen_come_back_unknown_below_the_threshold_and_known_ones_above_it_do_not(cosine_model):
+def test_cards_never_seen_come_back_unknown_below_the_threshold_and_known_ones_above_it_do_not(cosine_model, tool):
     images = [*cosine_model.never_seen, *cosine_model.known]
-    result = predict_cli(cosine_model, f"checkpoint={cosine_model.run}", f"images=[{','.join(map(str, images))}]")
+    result = predict_cli(tool, f"checkpoint={cosine_model.run}", f"images=[{','.join(map(str, images))}]")
     threshold = load_checkpoint(cosine_model.checkpoint)["unknown_thresholds"]["identification"]
     unknown = set()
     for file, r in result.items():
@@ -117,7 +91,7 @@ def test_cards_never_seen_come_back_unknown_below_the_threshold_and_known_ones_a
     assert len(unknown - never_seen) <= len(cosine_model.known) // 2  # ...and accepts most known ones
     rejected = sorted(unknown & never_seen)[0]
     # the override: -1 accepts everything
-    accepted = predict_cli(cosine_model, f"checkpoint={cosine_model.run}", f"images={cosine_model.work / rejected}",
+    accepted = predict_cli(tool, f"checkpoint={cosine_model.run}", f"images={cosine_model.work / rejected}",
                            "unknown_threshold=-1")[rejected]
     assert accepted["labels"]["identification"][0]["label"] != "unknown"
     recognizer = Recognizer.from_checkpoint(cosine_model.checkpoint, "cpu")
@@ -125,7 +99,9 @@ def test_cards_never_seen_come_back_unknown_below_the_threshold_and_known_ones_a
         "unknown", pytest.approx(result[rejected]["raw"]["identification"]["score"], abs=1e-5))
 
 
-def test_enrolled_card_is_then_what_predict_returns_for_its_other_screenshots(cosine_model, tmp_path):
+def test_enrolled_card_is_then_what_predict_returns_for_its_other_screenshots(cosine_model, tmp_path, tool):
+    """The first enrolment is a real `python -m balatro_train.enroll` command line; the rest run its entry
+    point in this process."""
     before = hashlib.sha256(cosine_model.checkpoint.read_bytes()).hexdigest()
     out = tmp_path / "enrolled.pt"
     shots = cosine_model.new_card[:3]
@@ -137,28 +113,29 @@ def test_enrolled_card_is_then_what_predict_returns_for_its_other_screenshots(co
     assert state["enrolled"] == {"identification": {NEW_CARD: 6}}  # 3 screenshots and their inverted views
     assert state["cards"][NEW_CARD] == {"name": NEW_CARD, "type": "Planet"}  # as given on the command line
     others = cosine_model.new_card[3:]
-    result = predict_cli(cosine_model, f"checkpoint={out}", f"images=[{','.join(map(str, others))}]")
+    result = predict_cli(tool, f"checkpoint={out}", f"images=[{','.join(map(str, others))}]")
     assert [r["labels"]["identification"][0]["label"] for r in result.values()] == [NEW_CARD] * len(others)
     # the original checkpoint knew no Mercury: the same screenshots were some other card there
-    original = predict_cli(cosine_model, f"checkpoint={cosine_model.checkpoint}", f"images={others[0]}")
+    original = predict_cli(tool, f"checkpoint={cosine_model.checkpoint}", f"images={others[0]}")
     assert NEW_CARD not in [e["label"] for e in original[others[0].name]["labels"]["identification"]]
 
     # the batch form: a labels.json of new cards' screenshots, as the annotation tool writes it
     labels = json.loads(cosine_model.labels_file.read_text())
     batch = tmp_path / "new_cards.json"
     batch.write_text(json.dumps({f: m for f, m in labels.items() if m["name"] == NEW_CARD and f.endswith(("_0.png", "_1.png"))}))
-    run_cli([f"checkpoint={cosine_model.checkpoint}", f"labels={batch}", f"root={cosine_model.root}", f"out={out}",
-             "overwrite=true"], cwd=cosine_model.work, module="balatro_train.enroll")
+    batched = tool(enroll_main, f"checkpoint={cosine_model.checkpoint}", f"labels={batch}", f"root={cosine_model.root}",
+                   f"out={out}", "overwrite=true")
+    assert batched.returncode == 0, batched.stderr
     from_labels = load_checkpoint(out, "checkpoint")
     assert from_labels["enrolled"] == {"identification": {NEW_CARD: 4}}
     assert from_labels["cards"][NEW_CARD]["type"] == "Planet" and from_labels["cards"][NEW_CARD]["rarity"] == "Common"
 
-    same = run_cli([f"checkpoint={cosine_model.checkpoint}", f"images={shots[0]}", f"name={NEW_CARD}",
-                    f"out={cosine_model.checkpoint}"], cwd=cosine_model.work, module="balatro_train.enroll", check=False)
+    same = tool(enroll_main, f"checkpoint={cosine_model.checkpoint}", f"images={shots[0]}", f"name={NEW_CARD}",
+                f"out={cosine_model.checkpoint}")
     assert same.returncode == 2 and "outputs never replace inputs" in same.stderr and "Traceback" not in same.stderr
     (tmp_path / "broken.png").write_bytes(b"")
-    broken = run_cli([f"checkpoint={cosine_model.checkpoint}", f"images={tmp_path / 'broken.png'}", f"name={NEW_CARD}",
-                      f"out={tmp_path / 'never.pt'}"], cwd=cosine_model.work, module="balatro_train.enroll", check=False)
+    broken = tool(enroll_main, f"checkpoint={cosine_model.checkpoint}", f"images={tmp_path / 'broken.png'}",
+                  f"name={NEW_CARD}", f"out={tmp_path / 'never.pt'}")
     assert broken.returncode == 2 and "broken.png: not a readable image" in broken.stderr
     assert "Traceback" not in broken.stderr and not (tmp_path / "never.pt").exists()
 
@@ -228,10 +205,11 @@ def test_an_enrolled_checkpoint_exports_its_prototypes_and_threshold_to_onnx(cos
         export(tmp_path / "enrolled.pt", "original", tmp_path / "original.pth")
 
 
-def test_evaluate_reports_open_set_metrics_on_cards_the_checkpoint_does_not_know(cosine_model, tmp_path):
-    run_cli([f"checkpoint={cosine_model.checkpoint}", f"dataset.labels_file={cosine_model.labels_file}",
-             f"dataset.root={cosine_model.root}", f"out_dir={tmp_path}"], cwd=cosine_model.work,
-            module="balatro_train.evaluate")
+def test_evaluate_reports_open_set_metrics_on_cards_the_checkpoint_does_not_know(cosine_model, tmp_path, tool):
+    evaluated = tool(evaluate_main, f"checkpoint={cosine_model.checkpoint}",
+                     f"dataset.labels_file={cosine_model.labels_file}", f"dataset.root={cosine_model.root}",
+                     f"out_dir={tmp_path}")
+    assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads((tmp_path / "metrics.json").read_text())
     open_set = report["open_set"]["identification"]
     assert (open_set["known_images"], open_set["unknown_images"]) == (24, 8)

@@ -1,7 +1,7 @@
 """What predict, export and enroll write (balatro_train/outputs.py): never over one of their inputs, over
 another existing file only with overwrite=true, and atomically. In-process on one tiny trained model
-(a cosine head, so that enroll takes it too), each test on its own copy of the checkpoint; the command
-line once, for the documented `export ... benchmark=true` and its one-line refusal."""
+(test_openset's cosine-head model, so that enroll takes it too), each test on its own copy of the checkpoint;
+the command line once, for the documented `export ... benchmark=true` (its one-line refusal in-process)."""
 
 from __future__ import annotations
 
@@ -15,30 +15,24 @@ import hydra
 import onnx
 import pytest
 
+import balatro_train.export as export_main
 from balatro_train.checkpoint import load_checkpoint
 from balatro_train.config import CONFIG_DIR
 from balatro_train.enroll import enroll_checkpoint
 from balatro_train.errors import UserError
 from balatro_train.export import export
 from balatro_train.predict import predict
-from balatro_train.train import train
-from conftest import compose, made_once, run_cli, tiny_overrides, write_dataset
+from conftest import cosine_model_folder, run_cli, run_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-COSINE = ["task=identification", "tasks.identification.head=cosine", "tasks.identification.label_smoothing=0"]
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A 1-epoch, 32 px model with a cosine identification head, and its labelled screenshots; shared by
-    the module's tests (under pytest-xdist, the first worker trains it, the others wait and reuse it)."""
-    def make(work):
-        data = write_dataset(work / "labelled")
-        train(compose([*tiny_overrides(data, work / "labelled"), *COSINE, "trainer.epochs=1", "publish_to=null"]),
-              work / "run")
-
-    work = made_once(tmp_path_factory, "outputs_model", make)
-    images = work / "labelled" / "dataset_default"
+    """A 32 px model with a cosine identification head, and its labelled screenshots (labelled/cards/, every
+    card's): test_openset's, made once per session and shared (conftest.cosine_model_folder)."""
+    work = cosine_model_folder(tmp_path_factory)
+    images = work / "labelled" / "cards"
     return SimpleNamespace(checkpoint=work / "run" / "checkpoints" / "best.pt", images=images,
                            labels_file=images / "labels.json", root=work / "labelled")
 
@@ -56,7 +50,7 @@ def checkpoint(model, tmp_path) -> Path:
 def screenshots(model, tmp_path) -> Path:
     """A copy of the labelled screenshots and their labels.json (full_path relative to tmp_path), for tests
     that aim out= at one of them."""
-    return Path(shutil.copytree(model.images, tmp_path / "dataset_default"))
+    return Path(shutil.copytree(model.images, tmp_path / model.images.name))
 
 
 def config(tool: str, **keys) -> object:
@@ -182,15 +176,18 @@ def test_export_replaces_the_model_and_its_sidecar_whole(checkpoint, tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["format"] == "onnx"
 
 
-def test_the_readme_export_benchmark_command_runs_and_a_second_one_is_refused_in_one_line(checkpoint, tmp_path):
+def test_the_readme_export_benchmark_command_runs_and_a_second_one_is_refused_in_one_line(checkpoint, tmp_path,
+                                                                                          monkeypatch, capsys):
     """`python -m balatro_train.export checkpoint=<run> format=onnx benchmark=true`, as the README writes it:
-    Hydra used to read benchmark=true as conf/benchmark/, a training config group, and stop."""
+    Hydra used to read benchmark=true as conf/benchmark/, a training config group, and stop. The command line
+    itself the first time; the second, refused, runs its entry point in this process."""
     run = checkpoint.parents[1]
     args = [f"checkpoint={run}", "format=onnx", "benchmark=true"]
     timed = run_cli(args, cwd=tmp_path, module="balatro_train.export")
     assert "onnxruntime" in timed.stdout and "pytorch eager" in timed.stdout  # the table
     assert checkpoint.with_name("best.onnx").is_file()
-    again = run_cli(args, cwd=tmp_path, module="balatro_train.export", check=False)
+    monkeypatch.chdir(tmp_path)
+    again = run_main(export_main, args, monkeypatch, capsys)
     assert again.returncode == 2 and again.stdout == ""
     [line] = again.stderr.strip().splitlines()
     assert "best.onnx (the default, beside the checkpoint) already exists" in line and "overwrite=true" in line
