@@ -104,6 +104,15 @@ def test_resume_and_init_from_refuse_such_a_checkpoint_before_building_anything(
     assert not victim.exists()
 
 
+def test_a_checkpoint_whose_preprocessing_names_something_else_is_refused_in_one_line(run, tmp_path):
+    state = torch.load(run.checkpoints / "best.pt", weights_only=True)
+    state["preprocessing"]["val_transforms"]["transform"] = {"__class_fullname__": "os.system", "command": "true"}
+    torch.save(state, tmp_path / "shared.pt")
+    with pytest.raises(UserError, match=rf"^checkpoint={tmp_path / 'shared.pt'}: refused, its preprocessing is not "
+                                        r"an albumentations pipeline \(KeyError: 'os.system'\)"):
+        Recognizer.from_checkpoint(tmp_path / "shared.pt")
+
+
 def test_a_training_config_naming_another_head_class_is_refused_too(run, tmp_path):
     """The same constructors build the model for training: a checkpoint it writes can always be loaded."""
     victim = tmp_path / "victim.txt"

@@ -173,7 +173,8 @@ def load_checkpoint(path: str | Path, key: str = "resume") -> dict:
 def check_builds_only_what_balatro_train_builds(state: dict, path: Path, key: str) -> None:
     """A checkpoint's config is data: the model, heads and metrics it describes are looked up among
     balatro-train's own (model.MODEL_TARGET, model.HEAD_CLASSES, metrics.metric_class) and built with its
-    numbers and names as arguments. Anything else it names is refused here, before any tool builds anything."""
+    numbers and names as arguments, and its validation pipeline among albumentations' registered
+    transforms. Anything else it names is refused here, before any tool builds anything."""
     config = state.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise UserError(f"{key}={path}: not a balatro-train checkpoint (it holds no model config)")
@@ -188,6 +189,11 @@ def check_builds_only_what_balatro_train_builds(state: dict, path: Path, key: st
                         f"calls; only load checkpoints written by balatro-train") from None
     except UserError as e:
         raise UserError(f"{key}={path}: {e}") from None
+    try:  # albumentations.from_dict builds only the transforms of its own registry, by name
+        preprocessing_of(state).pipeline()
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{key}={path}: refused, its preprocessing is not an albumentations pipeline "
+                        f"({type(e).__name__}: {e}); only load checkpoints written by balatro-train") from None
 
 
 # What a resume may change: how long and where the run goes on, and where its data lies now. Any other

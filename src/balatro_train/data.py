@@ -14,8 +14,6 @@ import random
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -289,19 +287,11 @@ def refuse_single_class_tasks(class_names: dict[str, list[str]], tasks, labels_f
     """A head with one class has nothing to tell apart (its metrics refuse num_classes=1)."""
     for task, names in class_names.items():
         if len(names) == 1:
-            instead = task_without(task, tasks)
+            others = [other for other in tasks if other != task]
+            instead = f"task={others[0]}" if others else "another task=..."
             raise UserError(f"task {task}: every image in {labels_file} has {tasks[task].field}={names[0]!r}, and a "
-                            f"task needs two classes or more; label other {tasks[task].field} values, or pick a task "
-                            f"without it{f' (e.g. task={instead})' if instead else ''}")
-
-
-def task_without(task: str, tasks) -> str | None:
-    """A config of conf/task/ to suggest instead of one holding `task`: another of the run's tasks, or
-    any other single-task file (multi holds every task)."""
-    from balatro_train.config import CONFIG_DIR
-
-    files = sorted(path.stem for path in (Path(CONFIG_DIR) / "task").glob("*.yaml"))
-    return next((name for name in [*tasks, *files] if name not in (task, "multi") and name in files), None)
+                            f"task needs two classes or more; label other {tasks[task].field} values, or train "
+                            f"without it ({instead})")
 
 
 def warn_unsplit(samples: list[Sample], split: dict[str, list[str]]) -> None:

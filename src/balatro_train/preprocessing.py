@@ -13,7 +13,6 @@ converts and normalises it on the device, so an exported model takes the same ui
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,17 +62,7 @@ def load_image(path: str | Path, size: int, background) -> np.ndarray:
             image.load()
             return to_square_rgb(image, size, tuple(background))
     except Image.DecompressionBombError as e:  # not an OSError: callers would let it end in a traceback
-        raise ImageTooLarge(too_large_message(str(e))) from None
-
-
-def too_large_message(pillow_message: str) -> str:
-    """Pillow's "Image size (N pixels) exceeds limit of M pixels, ..." said as what to know."""
-    numbers = re.findall(r"\d+", pillow_message)
-    if len(numbers) < 2:
-        return pillow_message
-    pixels, limit = numbers[:2]
-    return (f"the image has {pixels} pixels, beyond Pillow's limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS "
-            f"guards against decompression bombs)")
+        raise ImageTooLarge(f"{e} (PIL.Image.MAX_IMAGE_PIXELS)") from None
 
 
 @dataclass(frozen=True)
