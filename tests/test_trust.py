@@ -158,6 +158,15 @@ def test_a_run_refuses_a_folder_that_holds_another_run(run, tmp_path, monkeypatc
         train(compose(run.overrides), other)
 
 
+def test_evaluate_never_writes_into_a_run_folder(run, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(run.dir, other, ignore=shutil.ignore_patterns("*.pt"))
+    before = {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()}
+    with pytest.raises(UserError, match=rf"^out_dir={other} holds a training run"):
+        evaluate.evaluate(run.checkpoints / "best.pt", run.labels_file, run.work / "labelled", other)
+    assert {p.name: p.read_bytes() for p in other.iterdir() if p.is_file()} == before
+
+
 def test_a_sweep_relaunched_into_an_old_folder_resumes_only_its_own_jobs(run, tmp_path, monkeypatch):
     """Job 0 of a relaunch with another lr is refused (naming the key), and the old job's checkpoint stays;
     relaunched as it was, it resumes its own run, and its earlier error.txt no longer marks it failed."""

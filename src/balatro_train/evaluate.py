@@ -39,6 +39,7 @@ from balatro_train.metrics import (TILE, build_metrics, confusion_figure, confus
                                    scalars_and_matrices)
 from balatro_train.preprocessing import load_image
 from balatro_train.config import CONFIG_DIR
+from balatro_train.run_folder import holds_a_run
 from balatro_train.run_log import write_confusion_summaries
 
 log = logging.getLogger("balatro_train.evaluate")
@@ -62,6 +63,10 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
              max_grid_images=32) -> dict:
     """Evaluate and write the report; returns what metrics.json holds."""
     path = resolve_checkpoint(checkpoint)
+    out_dir = Path(out_dir) if out_dir else default_out_dir(path)
+    if holds_a_run(out_dir):  # its confusion_summary.md and metrics would be replaced by this report's
+        raise UserError(f"out_dir={out_dir} holds a training run (metrics.jsonl, checkpoints/); an evaluation "
+                        f"never writes into a run's folder: give another out_dir=")
     state = load_checkpoint(path, "checkpoint")
     tasks = OmegaConf.create(state["config"]["tasks"])
     samples = read_labels(labels_file, root)  # originals only: augmented copies would flatter the scores
@@ -85,7 +90,6 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
     logits = recognizer.logits(images)
     probs, scores = {task: values.softmax(dim=1) for task, values in logits.items()}, recognizer.max_cosines(logits)
 
-    out_dir = Path(out_dir) if out_dir else default_out_dir(path)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"checkpoint": str(path), "labels_file": str(labels_file), "num_images": len(samples),
               "skipped": sorted(bad), "tasks": {}, "open_set": {}}
