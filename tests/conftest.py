@@ -114,13 +114,20 @@ def run_cli(args: list[str], cwd: Path, module: str = "balatro_train", check: bo
 def hydra_main(module, args: list[str], monkeypatch) -> int:
     """A command line's Hydra entry point (`module.main`) run in this process as `python -m ...`; its exit code."""
     monkeypatch.setattr(sys, "argv", [module.__name__, *args])
-    threads = torch.get_num_threads()  # a training job takes its share of the cores: give them back after
+    # A training job takes the cores it may use for its threads (job.py): as for run_cli's command lines,
+    # each xdist worker's calls get a core of their own; threads and cores are given back after.
+    threads, pin = torch.get_num_threads(), own_core()
+    cores = os.sched_getaffinity(0) if pin else None
+    if pin:
+        pin()
     try:
         module.main()
     except SystemExit as e:
         return e.code or 0
     finally:
         torch.set_num_threads(threads)
+        if cores:
+            os.sched_setaffinity(0, cores)
     return 0
 
 

@@ -13,7 +13,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from balatro_train.sweep import write_summary
-from conftest import compose, read_metrics, run_cli, tiny_overrides
+from balatro_train import train as train_module
+from conftest import compose, read_metrics, run_cli, run_main, tiny_overrides
 
 OPTUNA_PARAMS = {"optimizer.lr", "freeze", "scheduler"}
 
@@ -50,6 +51,15 @@ def log_pids(job: Path) -> set[int]:
 PID_LOG_FORMAT = "hydra.job_logging.formatters.simple.format='[pid %(process)d] %(name)s %(levelname)s - %(message)s'"
 
 
+def sweep_in_process(args: list[str], cwd: Path, monkeypatch, capsys):
+    """`python -m balatro_train <args>` through its Hydra entry point in this process (the basic launcher and
+    Optuna's run their jobs in it): what a subprocess would do, without its seconds of imports."""
+    monkeypatch.chdir(cwd)
+    result = run_main(train_module, args, monkeypatch, capsys)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
 def without(overrides: list[str], key: str) -> list[str]:
     return [o for o in overrides if not o.startswith(f"{key}=")]
 
@@ -84,9 +94,10 @@ def test_joblib_runs_a_2x2_sweep_two_jobs_at_a_time(dataset, tmp_path):
     assert "4 jobs: 4 ok, 0 failed" in (sweep / "summary.md").read_text()
 
 
-def test_launcher_and_search_configs_compose(tmp_path):
+def test_launcher_and_search_configs_compose(tmp_path, monkeypatch, capsys):
     # joblib and Optuna together: the Optuna sweeper asks for as many trials at a time as joblib runs
-    result = run_cli(["hydra/launcher=joblib", "hparams_search=optuna", "--cfg", "hydra", "--resolve"], cwd=tmp_path)
+    result = sweep_in_process(["hydra/launcher=joblib", "hparams_search=optuna", "--cfg", "hydra", "--resolve"],
+                              tmp_path, monkeypatch, capsys)
     hydra = yaml.safe_load(result.stdout)["hydra"]
     assert hydra["launcher"]["_target_"] == "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     assert hydra["launcher"]["n_jobs"] == 2 and hydra["launcher"]["backend"] == "loky"
@@ -99,7 +110,7 @@ def test_launcher_and_search_configs_compose(tmp_path):
                                  "scheduler": "choice(warmup_cosine, cosine, plateau, step, none)"}
     assert hydra["callbacks"]["sweep_summary"]["_target_"] == "balatro_train.sweep.SweepSummary"
 
-    # composed in-process: the command line's --cfg above already showed that printing one runs nothing
+    # composed with the compose API: the --cfg above already showed that printing one runs nothing
     cfg = compose(["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], hydra_config=True)
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert launcher["_target_"] == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -119,11 +130,11 @@ def test_submitit_local_runs_one_job_to_completion(dataset, tmp_path):
     assert row["status"] == "ok" and row["best_epoch"] == "1"
 
 
-def test_optuna_search_completes_and_reports_its_best_trial(dataset, tmp_path):
+def test_optuna_search_completes_and_reports_its_best_trial(dataset, tmp_path, monkeypatch, capsys):
     data, root = dataset
     overrides = without(tiny_overrides(data, root), "optimizer.lr")  # searched, not fixed
-    run_cli(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *overrides, "trainer.epochs=1"],
-            cwd=tmp_path)
+    sweep_in_process(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *overrides, "trainer.epochs=1"],
+                     tmp_path, monkeypatch, capsys)
     [sweep] = sweep_dirs(tmp_path)
     jobs = job_dirs(sweep)
     assert len(jobs) == 3
@@ -149,7 +160,7 @@ def test_optuna_search_completes_and_reports_its_best_trial(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("sweeper", ["basic", "optuna"])
-def test_a_failed_job_is_a_failed_row_and_the_sweep_goes_on(dataset, tmp_path, sweeper):
+def test_a_failed_job_is_a_failed_row_and_the_sweep_goes_on(dataset, tmp_path, sweeper, monkeypatch, capsys):
     data, root = dataset
     overrides = [*without(tiny_overrides(data, root), "optimizer.lr"), "trainer.epochs=1"]
     if sweeper == "basic":
@@ -157,7 +168,7 @@ def test_a_failed_job_is_a_failed_row_and_the_sweep_goes_on(dataset, tmp_path, s
     else:  # the sampler's seed makes the two trials one of each
         args = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "optimizer.lr=choice(1e-3,1e30)",
                 "freeze=none", "scheduler=none", *overrides]
-    result = run_cli(args, cwd=tmp_path)
+    result = sweep_in_process(args, tmp_path, monkeypatch, capsys)
     assert "1 of 2 sweep jobs failed" in result.stdout + result.stderr
     [sweep] = sweep_dirs(tmp_path)
     rows = summary_rows(sweep)

@@ -16,8 +16,9 @@ from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
+from balatro_train import train as train_module
 from balatro_train.train import train
-from conftest import (compose, made_once, read_metrics, run_cli, run_dirs, tiny_overrides, validation_outputs,
+from conftest import (compose, made_once, read_metrics, run_cli, run_dirs, run_main, tiny_overrides, validation_outputs,
                       without_timing, write_dataset)
 
 
@@ -159,11 +160,14 @@ def test_a_new_task_is_one_yaml_file(dataset, tmp_path, one_torch_thread):
         logits["card_type"], targets["card_type"], label_smoothing=0.1).item(), rel=1e-4)
 
 
-def test_unknown_key_and_wrong_type_are_refused_by_the_structured_config(dataset, tmp_path):
-    """The unknown key on the command line: Hydra's composition error, printed without a traceback, and
-    nothing ran. The wrong type in-process: the same composition fails, naming the key."""
+def test_unknown_key_and_wrong_type_are_refused_by_the_structured_config(dataset, tmp_path, monkeypatch, capsys):
+    """The unknown key on the command line (its Hydra entry point, in this process): Hydra's composition
+    error, printed without a traceback, and nothing ran. The wrong type: the same composition fails,
+    naming the key."""
     data, root = dataset
-    result = run_cli([*tiny_overrides(data, root), "trainer.epoch=3"], cwd=tmp_path, check=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # as a user's shell has it
+    result = run_main(train_module, [*tiny_overrides(data, root), "trainer.epoch=3"], monkeypatch, capsys)
     assert result.returncode != 0 and "epoch" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "outputs").exists()  # nothing ran
