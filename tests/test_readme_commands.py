@@ -1,8 +1,9 @@
-"""Every command README.md shows in a code block composes: its module's primary config (the one its
-@hydra.main names, in the config directory it names) with the command's overrides, as Hydra's command
-line would compose it. A documented command that Hydra rejects (an override that is a config group
-there, a key that no longer exists) fails here, named by its README line. Nothing is run and no
-checkpoint is read: `checkpoint=<file>` placeholders compose as strings."""
+"""Every command README.md and the pages of docs/ show in a code block composes: its module's primary
+config (the one its @hydra.main names, in the config directory it names) with the command's overrides,
+as Hydra's command line would compose it. A documented command that Hydra rejects (an override that is a
+config group there, a key that no longer exists) fails here, named by its file and line. Nothing is run
+and no checkpoint is read: `checkpoint=<file>` placeholders compose as strings. And every relative link
+in those pages points at a file that exists."""
 
 from __future__ import annotations
 
@@ -27,13 +28,28 @@ PACKAGE = REPO / "src" / "balatro_train"
 HYDRA_MAIN = re.compile(r"@hydra\.main\([^)]*config_path=(\w+)[^)]*config_name=\"(\w+)\"")
 RUNS = re.compile(r"(^|\s)-m\s+balatro_train(\.\w+)?(\s|$)|(^|[\s;&|])balatro-train(\s|$)")  # what a command runs
 SHELL_SEPARATORS = {"&&", "||", ";", "|"}
+LINK = re.compile(r"\[[^\[\]]*\]\(([^()\s]+)\)")  # [text](target), ![alt](image); the text may wrap lines
 
 
-def readme_commands() -> list[tuple[int, str]]:
-    """(line number, command) for each balatro_train command line in README.md's fenced code blocks,
-    continuation lines (`\\`) joined."""
+def documentation() -> list[Path]:
+    """README.md and the topic pages it links to, docs/*.md."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def readme_commands() -> list[tuple[str, int, str]]:
+    """(file, line number, command) for each balatro_train command line in the fenced code blocks of
+    README.md and docs/*.md, continuation lines (`\\`) joined; the file relative to the checkout."""
+    return [
+        (page.relative_to(REPO).as_posix(), number, command)
+        for page in documentation()
+        for number, command in page_commands(page)
+    ]
+
+
+def page_commands(page: Path) -> list[tuple[int, str]]:
+    """(line number, command) for each balatro_train command line in one page's fenced code blocks."""
     commands, fenced, pending = [], False, None
-    for number, line in enumerate((REPO / "README.md").read_text().splitlines(), 1):
+    for number, line in enumerate(page.read_text().splitlines(), 1):
         if line.lstrip().startswith("```"):
             fenced, pending = not fenced, None
             continue
@@ -63,13 +79,13 @@ def invocations(command: str) -> list[tuple[str, list[str]]]:
             segments, segment = [*segments, segment], []
         else:
             segment.append(word)
-    for segment in [*segments, segment]:
-        if segment and segment[0] == "balatro-train":  # [project.scripts]: balatro_train.train:main
-            found.append(("balatro_train", segment[1:]))
+    for program in [*segments, segment]:
+        if program and program[0] == "balatro-train":  # [project.scripts]: balatro_train.train:main
+            found.append(("balatro_train", program[1:]))
             continue
-        for n, word in enumerate(segment[:-1]):
-            if word == "-m" and re.fullmatch(r"balatro_train(\.\w+)?", segment[n + 1]):
-                found.append((segment[n + 1], segment[n + 2:]))
+        for n, word in enumerate(program[:-1]):
+            if word == "-m" and re.fullmatch(r"balatro_train(\.\w+)?", program[n + 1]):
+                found.append((program[n + 1], program[n + 2 :]))
                 break
     return found
 
@@ -90,8 +106,10 @@ def primary_config(module: str) -> tuple[str, str] | None:
 def first_of_sweeps(overrides: list[str]) -> list[str]:
     """A multirun's overrides for its first job: `a=1,2` -> `a=1`, `seed=range(4)` -> `seed=0`."""
     parsed = OverridesParser.create().parse_overrides(overrides)
-    return [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
-            for o in parsed]
+    return [
+        f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" if o.is_sweep_override() else o.input_line
+        for o in parsed
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +133,16 @@ def also_search(config_dir: str, extra: Path) -> None:
 
 
 COMMANDS = readme_commands()
-assert COMMANDS, "README.md: no balatro_train command found in its code blocks; has this test's reading gone stale?"
+assert any(page == "README.md" for page, _, _ in COMMANDS), (
+    "README.md: no balatro_train command found in its code blocks; has this test's reading gone stale?"
+)
 
 
-@pytest.mark.parametrize("line,command", COMMANDS, ids=[f"README.md:{n}: {c}" for n, c in COMMANDS])
-def test_readme_command_composes(line, command, saved_run_config, monkeypatch):
+@pytest.mark.parametrize("page,line,command", COMMANDS, ids=[f"{p}:{n}: {c}" for p, n, c in COMMANDS])
+def test_readme_command_composes(page, line, command, saved_run_config, monkeypatch):
     monkeypatch.chdir(saved_run_config.parent)  # composing may make a run folder (`new_folder`): not in the checkout
     runs = invocations(command)
-    assert runs, f"README.md:{line}: names balatro_train but runs none of its modules: {command}"
+    assert runs, f"{page}:{line}: names balatro_train but runs none of its modules: {command}"
     for module, arguments in runs:
         config = primary_config(module)
         if config is None:
@@ -136,4 +156,30 @@ def test_readme_command_composes(line, command, saved_run_config, monkeypatch):
                     also_search(config_dir, saved_run_config)
                 hydra.compose(args.config_name or config_name, overrides=overrides, return_hydra_config=True)
         except (Exception, SystemExit) as e:  # noqa: BLE001  (Hydra raises many kinds: the README line matters)
-            pytest.fail(f"README.md:{line}: {command}\n  does not compose ({type(e).__name__}: {e})")
+            pytest.fail(f"{page}:{line}: {command}\n  does not compose ({type(e).__name__}: {e})")
+
+
+def relative_links(page: Path) -> list[tuple[int, str]]:
+    """(line number, target) of each relative markdown link or image outside code (fenced blocks and
+    `inline code`), the `#anchor` dropped; web addresses and same-page anchors are not files."""
+    prose, fenced = [], False
+    for line in page.read_text().splitlines():
+        fence = line.lstrip().startswith("```")
+        fenced ^= fence
+        prose.append("" if fenced or fence else re.sub(r"`[^`\n]*`", "``", line))  # the lines keep their numbers
+    text, links = "\n".join(prose), []
+    for match in LINK.finditer(text):
+        path = match[1].split("#")[0]
+        if path and not re.match(r"[a-z][a-z0-9+.-]*:", path):
+            links.append((text.count("\n", 0, match.start()) + 1, path))
+    return links
+
+
+@pytest.mark.parametrize("page", documentation(), ids=lambda page: page.relative_to(REPO).as_posix())
+def test_relative_links_resolve(page):
+    missing = [
+        f"{page.relative_to(REPO).as_posix()}:{n}: {target}"
+        for n, target in relative_links(page)
+        if not (page.parent / target).exists()
+    ]
+    assert not missing, "links to files that do not exist:\n  " + "\n  ".join(missing)
