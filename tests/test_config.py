@@ -1,13 +1,17 @@
-"""The shipped config tree: every pipeline builds, and none can turn one edition into another."""
+"""The shipped config tree: every pipeline builds, and none can turn one edition into another; configs
+saved in older keys still read."""
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from balatro_train.config import CONFIG_DIR
+from balatro_train.config import CONFIG_DIR, check_config, typed_config, upgrade_saved_config
 
 # Editions are colour effects (and cards carry text): these would change an image's true label.
 FORBIDDEN = {"HueSaturationValue", "ColorJitter", "InvertImg", "ChannelShuffle", "ToGray", "RGBShift",
@@ -41,3 +45,40 @@ def test_default_composition(cfg):
     assert cfg.tasks.identification.label_smoothing == cfg.tasks.modifier.label_smoothing == 0.1
     assert cfg.data.recolour == 0.3  # identification learns from recoloured images, the modifier skips them
     assert cfg.tasks.identification.colour_invariant and not cfg.tasks.modifier.colour_invariant
+
+
+# ---- configs saved before the pipelines moved from tasks.<task> to data.* ----------------------------
+
+def saved_in_old_keys(cfg) -> dict:
+    """`cfg` as runs saved it before data.train_transforms / val_transforms: per task, no data.* keys."""
+    old = OmegaConf.to_container(cfg, resolve=False)
+    del old["data"]["train_transforms"], old["data"]["val_transforms"]
+    for task in old["tasks"].values():
+        task.update(train_transforms="heavy", val_transforms="none")
+    return old
+
+
+def test_a_run_saved_in_the_old_keys_re_runs_with_its_pipelines(cfg, tmp_path):
+    """As `--config-dir outputs/<run>/.hydra --config-name config` re-runs it: composed without the schema
+    (which no longer knows tasks.<task>.train_transforms), then typed_config reads it in today's keys."""
+    OmegaConf.save(OmegaConf.create(saved_in_old_keys(cfg)), tmp_path / "config.yaml")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        saved = compose(config_name="config")
+    typed = typed_config(saved)
+    assert (typed.data.train_transforms, typed.data.val_transforms) == ("heavy", "none")
+    assert not {"train_transforms", "val_transforms"} & set(typed.tasks.identification)
+    assert OmegaConf.is_struct(typed)  # an unknown key is still refused
+    assert typed.transforms.val.transforms[0].height == 48  # interpolations survive, resolved after the merge
+    check_config(typed)
+
+
+def test_upgrading_a_saved_config(cfg):
+    new = OmegaConf.to_container(cfg, resolve=True)
+    assert upgrade_saved_config(new) == new  # today's keys: nothing to do
+    old = saved_in_old_keys(cfg)
+    before = copy.deepcopy(old)
+    upgraded = upgrade_saved_config(old)
+    assert old == before  # a copy: a checkpoint's own dict is left as it was
+    assert (upgraded["data"]["train_transforms"], upgraded["data"]["val_transforms"]) == ("heavy", "none")
+    assert all("train_transforms" not in task and "val_transforms" not in task for task in upgraded["tasks"].values())
+    assert {**upgraded, "data": None} == {**before, "data": None, "tasks": upgraded["tasks"]}  # nothing else moves

@@ -393,7 +393,7 @@ UNKNOWN_GROUP_OPTIONS = {"optimizer=sgdx", "scheduler=wobbly", "task=colour"}  #
     ("trainer.epochs=0", "trainer.epochs=0 must be at least 1"),
     ("optimizer.lr=-1", "optimizer.lr=-1 must be greater than 0"),
     ("data.val_split=1.5", "data.val_split=1.5 must lie strictly between 0 and 1"),
-    ("tasks.modifier.train_transforms=sparkle", "tasks.modifier.train_transforms=sparkle is not a pipeline"),
+    ("data.train_transforms=sparkle", "data.train_transforms=sparkle is not a pipeline"),
 ])
 def test_unknown_names_and_impossible_values(dataset, tmp_path, override, message):
     """In-process: the same composition as the command line's (Hydra prints its composition errors

@@ -8,6 +8,7 @@ Value ranges are checked in `check_config`, so that every mistake is reported th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,9 @@ class DataConfig:
     held_out_cards: int = 0
     recolour: float = 0.3
     recolour_transforms: str = "recolour"
+    # Names in `transforms`: one pipeline of each for every task, since one image feeds every head.
+    train_transforms: str = "train"
+    val_transforms: str = "val"
 
 
 @dataclass
@@ -59,8 +63,6 @@ class TrainerConfig:
 @dataclass
 class TaskConfig:
     field: str = "name"
-    train_transforms: str = "train"
-    val_transforms: str = "val"
     class_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     label_smoothing: float = 0.1
     head: str = "linear"          # a name in `heads` (conf/heads/standard.yaml)
@@ -96,16 +98,52 @@ PRECISIONS = ("auto", "32", "bf16", "16")
 COMBINE_RULES = ("max", "mean", "sum")
 
 
+# Where the pipelines were chosen before they moved to data.*: per task, the first task deciding.
+PER_TASK_PIPELINE_KEYS = ("train_transforms", "val_transforms")
+
+
+def upgrade_saved_config(config: dict) -> dict:
+    """A copy of a saved config (plain containers, as `OmegaConf.to_container` gives them) in today's keys.
+
+    Checkpoints and run folders (.hydra/config.yaml) written before the pipelines moved to the data config
+    hold tasks.<task>.train_transforms / val_transforms and no data.train_transforms / val_transforms:
+    the copy drops the per-task keys and, where data.* lacks them, takes the first task's values (the ones
+    those runs used). A config in today's keys comes back equal to `config`; `config` is never changed."""
+    upgraded = copy.deepcopy(config)
+    tasks = upgraded.get("tasks") or {}
+    old_keys = [{key: task.pop(key) for key in PER_TASK_PIPELINE_KEYS if key in task}
+                for task in tasks.values() if isinstance(task, dict)]
+    if old_keys:
+        data = upgraded.setdefault("data", {})
+        for key, value in old_keys[0].items():
+            data.setdefault(key, value)
+    return upgraded
+
+
 def typed_config(cfg: DictConfig) -> DictConfig:
     """`cfg` checked against the structured config. Hydra applies the schema when it composes
     conf/train.yaml, but not when a run is re-run from its saved .hydra/config.yaml, which has no
-    defaults list: the same wrong type must be refused the same way there."""
+    defaults list: the same wrong type must be refused the same way there, and a run saved in older
+    keys is read in today's (upgrade_saved_config)."""
+    cfg = upgrade_saved_run_config(cfg)
     try:
         typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg)
     except ValidationError as e:
         raise UserError(f"{e.full_key}: {str(e).splitlines()[0]}") from None
     OmegaConf.set_struct(typed, OmegaConf.is_struct(cfg))
     return typed
+
+
+def upgrade_saved_run_config(cfg: DictConfig) -> DictConfig:
+    """upgrade_saved_config on a DictConfig, interpolations left unresolved (they resolve after the merge
+    with the schema, as in any run); `cfg` itself when it needs no upgrade, so its flags stay as they are."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    upgraded = upgrade_saved_config(container)
+    if upgraded == container:
+        return cfg
+    fresh = OmegaConf.create(upgraded)
+    OmegaConf.set_struct(fresh, OmegaConf.is_struct(cfg))
+    return fresh
 
 
 def check_config(cfg) -> None:
@@ -151,20 +189,14 @@ def check_config(cfg) -> None:
         lr = cfg.optimizer.get(key)
         if lr is not None and lr <= 0:
             raise UserError(f"optimizer.{key}={lr} must be greater than 0")
-    for name, task in cfg.tasks.items():
-        for key in ("train_transforms", "val_transforms"):
-            pipeline = task[key]
-            if pipeline not in cfg.transforms:
-                raise UserError(f"tasks.{name}.{key}={pipeline} is not a pipeline of transforms "
-                                f"(available: {', '.join(cfg.transforms)})")
+    for key in ("train_transforms", "val_transforms"):
+        pipeline = d[key]
+        if pipeline not in cfg.transforms:
+            raise UserError(f"data.{key}={pipeline} is not a pipeline of transforms "
+                            f"(available: {', '.join(cfg.transforms)})")
     for name, task in cfg.tasks.items():
         if task.head not in cfg.heads and task.head != "linear":
             raise UserError(f"tasks.{name}.head={task.head} is not one of the heads ({', '.join(cfg.heads)})")
         if not 0.0 < task.accept_known < 1.0:
             raise UserError(f"tasks.{name}.accept_known={task.accept_known} must lie strictly between 0 and 1, "
                             f"e.g. 0.95")
-    for key in ("train_transforms", "val_transforms"):
-        chosen = {task[key] for task in cfg.tasks.values()}
-        if len(chosen) > 1:
-            raise UserError(f"the tasks ask for different {key} ({', '.join(sorted(chosen))}), but one "
-                            f"image feeds every head: set tasks.<task>.{key} to the same pipeline")

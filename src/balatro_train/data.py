@@ -4,6 +4,11 @@ stratified split, the datasets and their loaders.
 Images are decoded, composited on the background colour and resized to `data.image_size`
 once, up front (balatro_train/preprocessing.py); epochs then only augment small uint8 arrays,
 and batches stay uint8 (N, H, W, 3) all the way to the device.
+
+`build_data` runs five stages in turn: read_samples (the labels files and their checks),
+decode_samples (every image once, data.on_bad_image), choose_split (held-out cards, then the
+stratified split or the saved one), index_classes (class names and targets per task, checked) and
+build_datasets (the training and validation CardDatasets and the run's Preprocessing).
 """
 
 from __future__ import annotations
@@ -193,16 +198,65 @@ class Data:
 
 def build_data(cfg, class_names: dict[str, list[str]] | None = None,
                split: dict[str, list[str]] | None = None) -> Data:
-    """Read the labels, decode every image once, split (or reuse a saved split), index the classes."""
-    from hydra.utils import instantiate
+    """Read the labels, decode every image once, split (or reuse a saved split), index the classes.
 
-    ds, tasks = cfg.dataset, cfg.tasks
+    `class_names` and `split` are a checkpoint's (init_from, resume): the classes its heads know and
+    the split its run trained on."""
+    labelled = read_samples(cfg.dataset, cfg.tasks, check_classes=class_names is None)
+    decoded = decode_samples(labelled, cfg.data, cfg.dataset.labels_file)
+    chosen = choose_split(decoded.usable, cfg, split)
+    class_names, targets = index_classes(cfg.tasks, chosen, class_names, cfg.dataset.labels_file)
+    train, val, preprocessing = build_datasets(cfg, decoded, chosen, targets)
+    field = stratifying_field(cfg.tasks)
+    return Data(train, val, class_names, chosen.split, [str(s.meta[field]) for s in chosen.train],
+                skipped=decoded.bad, preprocessing=preprocessing)
+
+
+@dataclass
+class Labelled:
+    """The labels files' samples: the originals, and augmented copies of some of them."""
+    originals: list[Sample]
+    augmented: list[Sample]
+
+    @property
+    def samples(self) -> list[Sample]:
+        return self.originals + self.augmented
+
+
+@dataclass
+class Decoded:
+    """Every labelled image decoded once (`images`, a sample's row in `row[file]`), and the samples whose
+    image could be read (`usable`); `bad`: {file: problem} for the others, left out (data.on_bad_image)."""
+    images: np.ndarray
+    row: dict[str, int]
+    bad: dict[str, str]
+    usable: Labelled
+
+
+@dataclass
+class ChosenSplit:
+    """The run's split ({"train", "val", "held_out"} file names) and its samples; `labelled`: the usable
+    samples less the held-out cards, whose classes every task must know and train on."""
+    split: dict[str, list[str]]
+    train: list[Sample]
+    val: list[Sample]
+    labelled: Labelled
+
+
+def stratifying_field(tasks) -> str:
+    """The first task's field: it stratifies the split, holds cards out and balances the sampler."""
+    return next(iter(tasks.values())).field
+
+
+def read_samples(ds, tasks, check_classes: bool) -> Labelled:
+    """Stage 1, reading: dataset.labels_file and dataset.augmented_labels_files, checked before any image
+    is decoded (fields, unique file names, parents, and with `check_classes` tasks with a single class)."""
     originals = read_labels(ds.labels_file, ds.root)
     if not originals:
         raise UserError(f"{ds.labels_file}: the dataset is empty; label some images first")
     augmented = [s for f in ds.augmented_labels_files for s in read_labels(f, ds.root, augmented=True)]
     check_fields(originals + augmented, tasks, [ds.labels_file, *ds.augmented_labels_files])
-    if class_names is None:  # before decoding every image: the labels alone decide it
+    if check_classes:  # before decoding every image: the labels alone decide it (a checkpoint's classes: later)
         refuse_single_class_tasks({task: class_names_of(originals + augmented, t.field) for task, t in tasks.items()},
                                   tasks, ds.labels_file)
     check_unique_files(originals + augmented)
@@ -211,31 +265,44 @@ def build_data(cfg, class_names: dict[str, list[str]] | None = None,
         if sample.parent not in known:
             raise UserError(f"augmented image {sample.file!r} names parent {sample.parent!r}, which "
                             f"{ds.labels_file} does not list; fix its 'parent' or add the original")
-    everything = originals + augmented
-    images, bad = load_images(everything, cfg.data.image_size, cfg.data.background)
-    if bad and cfg.data.on_bad_image == "error":
+    return Labelled(originals, augmented)
+
+
+def decode_samples(labelled: Labelled, data_cfg, labels_file: str) -> Decoded:
+    """Stage 2, decoding: every image once, at data.image_size on data.background. An unreadable image
+    stops the run, or with data.on_bad_image=skip is logged and left out."""
+    everything = labelled.samples
+    images, bad = load_images(everything, data_cfg.image_size, data_cfg.background)
+    if bad and data_cfg.on_bad_image == "error":
         first = next(iter(bad.values()))
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise UserError(f"{first}{more}; fix or remove it, or set data.on_bad_image=skip to train without it")
     for problem in bad.values():
         log.warning("skipping %s", problem)
-    originals = [s for s in originals if s.file not in bad]
-    augmented = [s for s in augmented if s.file not in bad]
-    if not originals:
-        raise UserError(f"{ds.labels_file}: no usable original image is left; label some images first")
-    row = {s.file: i for i, s in enumerate(everything)}
+    usable = Labelled([s for s in labelled.originals if s.file not in bad],
+                      [s for s in labelled.augmented if s.file not in bad])
+    if not usable.originals:
+        raise UserError(f"{labels_file}: no usable original image is left; label some images first")
+    # Rows index the array of every labelled image, the bad ones' black rows included.
+    return Decoded(images, {s.file: i for i, s in enumerate(everything)}, bad, usable)
 
-    stratify_field = next(iter(tasks.values())).field
-    held_out = set(split.get("held_out", []) if split else
-                   hold_out_cards(originals, stratify_field, cfg.data.held_out_cards, cfg.seed))
-    originals = [s for s in originals if s.file not in held_out]
-    augmented = [s for s in augmented if s.parent not in held_out]
-    if split is None:
-        train_files, val_files = split_samples(originals, augmented, stratify_field, cfg.data.val_split, cfg.seed)
+
+def choose_split(usable: Labelled, cfg, saved: dict[str, list[str]] | None) -> ChosenSplit:
+    """Stage 3, splitting: the held-out cards (data.held_out_cards) leave, then the rest is split by the
+    stratifying task's classes (data.val_split, seed), or as the `saved` split (a resume) says."""
+    field = stratifying_field(cfg.tasks)
+    held_out = set(saved.get("held_out", []) if saved else
+                   hold_out_cards(usable.originals, field, cfg.data.held_out_cards, cfg.seed))
+    labelled = Labelled([s for s in usable.originals if s.file not in held_out],
+                        [s for s in usable.augmented if s.parent not in held_out])
+    if saved is None:
+        train_files, val_files = split_samples(labelled.originals, labelled.augmented, field, cfg.data.val_split,
+                                               cfg.seed)
         split = {"train": train_files, "val": val_files, "held_out": sorted(held_out)}
     else:
-        warn_unsplit(originals + augmented, split)
-    by_file = {s.file: s for s in originals + augmented}
+        split = saved
+        warn_unsplit(labelled.samples, split)
+    by_file = {s.file: s for s in labelled.samples}
     missing = [f for f in split["train"] + split["val"] if f not in by_file]
     if missing:
         raise UserError(f"the saved split lists {len(missing)} images that are missing or unreadable now "
@@ -243,44 +310,61 @@ def build_data(cfg, class_names: dict[str, list[str]] | None = None,
     if not split["val"]:
         raise UserError("no class has two or more original images, so nothing is left to validate "
                         "on; label more images per card")
+    return ChosenSplit(split, [by_file[f] for f in split["train"]], [by_file[f] for f in split["val"]], labelled)
 
-    train_samples = [by_file[f] for f in split["train"]]
-    val_samples = [by_file[f] for f in split["val"]]
+
+def index_classes(tasks, chosen: ChosenSplit, class_names: dict[str, list[str]] | None,
+                  labels_file: str) -> tuple[dict[str, list[str]], dict[str, dict[str, torch.Tensor]]]:
+    """Stage 4, class indexing: each task's class names (the labels', or a checkpoint's `class_names`) and
+    its targets, {task: {"train": tensor, "val": tensor}} of class indices, once every class checks out."""
     if class_names is None:
-        class_names = {task: class_names_of(originals + augmented, t.field) for task, t in tasks.items()}
-    refuse_single_class_tasks(class_names, tasks, ds.labels_file)  # again: skipped images may have left one
+        class_names = {task: class_names_of(chosen.labelled.samples, t.field) for task, t in tasks.items()}
+    refuse_single_class_tasks(class_names, tasks, labels_file)  # again: skipped images may have left one
     targets = {}
     for task, t in tasks.items():
         index = {name: i for i, name in enumerate(class_names[task])}
-        unknown = sorted({str(s.meta[t.field]) for s in train_samples + val_samples} - index.keys())
-        if unknown:
-            raise UserError(f"task {task}: the data has classes the checkpoint does not know: "
-                            f"{', '.join(unknown[:10])}; train without init_from/resume or fix the labels")
-        # Every class the labels hold must train, including one seen only on an augmented copy of
-        # a validation image (such copies never train): the head could never learn it.
-        labelled = {str(s.meta[t.field]) for s in originals + augmented}
-        untrained = sorted(labelled - {str(s.meta[t.field]) for s in train_samples})
-        if untrained:
-            raise UserError(f"task {task}: classes with no training sample after the split: "
-                            f"{', '.join(untrained[:10])}; label more images of them or lower data.val_split")
-        unvalidated = sorted(labelled - {str(s.meta[t.field]) for s in val_samples})
-        if unvalidated:
-            log.info("task %s: %d of %d classes have no validation image (too few originals): %s%s", task,
-                     len(unvalidated), len(labelled), ", ".join(unvalidated[:5]),
-                     ", ..." if len(unvalidated) > 5 else "")
+        check_task_classes(task, t.field, index, chosen)
         targets[task] = {part: torch.tensor([index[str(s.meta[t.field])] for s in samples])
-                         for part, samples in (("train", train_samples), ("val", val_samples))}
+                         for part, samples in (("train", chosen.train), ("val", chosen.val))}
+    return dict(class_names), targets
 
-    first = next(iter(tasks.values()))
+
+def check_task_classes(task: str, field: str, index: dict[str, int], chosen: ChosenSplit) -> None:
+    """Refuses classes the heads do not know (`index`, a checkpoint's) and classes with no training sample;
+    logs those with no validation image."""
+    unknown = sorted({str(s.meta[field]) for s in chosen.train + chosen.val} - index.keys())
+    if unknown:
+        raise UserError(f"task {task}: the data has classes the checkpoint does not know: "
+                        f"{', '.join(unknown[:10])}; train without init_from/resume or fix the labels")
+    # Every class the labels hold must train, including one seen only on an augmented copy of
+    # a validation image (such copies never train): the head could never learn it.
+    labelled = {str(s.meta[field]) for s in chosen.labelled.samples}
+    untrained = sorted(labelled - {str(s.meta[field]) for s in chosen.train})
+    if untrained:
+        raise UserError(f"task {task}: classes with no training sample after the split: "
+                        f"{', '.join(untrained[:10])}; label more images of them or lower data.val_split")
+    unvalidated = sorted(labelled - {str(s.meta[field]) for s in chosen.val})
+    if unvalidated:
+        log.info("task %s: %d of %d classes have no validation image (too few originals): %s%s", task,
+                 len(unvalidated), len(labelled), ", ".join(unvalidated[:5]),
+                 ", ..." if len(unvalidated) > 5 else "")
+
+
+def build_datasets(cfg, decoded: Decoded, chosen: ChosenSplit,
+                   targets: dict[str, dict[str, torch.Tensor]]) -> tuple[CardDataset, CardDataset, Preprocessing]:
+    """Stage 5, dataset building: training images through transforms.<data.train_transforms> (and
+    data.recolour), validation images through transforms.<data.val_transforms>, which the Preprocessing
+    records for inference. One pipeline of each for every task: one image feeds every head."""
+    from hydra.utils import instantiate
+
     preprocessing = Preprocessing.of_run(cfg.data.image_size, cfg.data.background,
-                                         instantiate(cfg.transforms[first.val_transforms]))
-    train = CardDataset(images[[row[s.file] for s in train_samples]],
+                                         instantiate(cfg.transforms[cfg.data.val_transforms]))
+    train = CardDataset(decoded.images[[decoded.row[s.file] for s in chosen.train]],
                         {task: t["train"] for task, t in targets.items()},
-                        instantiate(cfg.transforms[first.train_transforms]), recolouring(cfg))
-    val = CardDataset(images[[row[s.file] for s in val_samples]],
+                        instantiate(cfg.transforms[cfg.data.train_transforms]), recolouring(cfg))
+    val = CardDataset(decoded.images[[decoded.row[s.file] for s in chosen.val]],
                       {task: t["val"] for task, t in targets.items()}, preprocessing.pipeline())
-    return Data(train, val, dict(class_names), split, [str(s.meta[stratify_field]) for s in train_samples],
-                skipped=bad, preprocessing=preprocessing)
+    return train, val, preprocessing
 
 
 def refuse_single_class_tasks(class_names: dict[str, list[str]], tasks, labels_file) -> None:
