@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint
+from balatro_train.checkpoint import load_checkpoint
 from balatro_train.config import CONFIG_DIR
 from balatro_train.data import build_data
 
@@ -219,9 +219,9 @@ def validation_outputs(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[
     """The checkpoint's model on its run's validation images, recomputed here in fp32 from the saved
     config, class names and split: ({task: logits}, {task: targets})."""
     state = load_checkpoint(checkpoint)
-    cfg = OmegaConf.create(state["config"])
-    data = build_data(cfg, state["class_names"], state["split"])
-    model = model_from_checkpoint(state)
+    cfg = OmegaConf.create(state.config)
+    data = build_data(cfg, state.class_names, state.split)
+    model = state.model()
     images = torch.stack([data.val[i][0] for i in range(len(data.val))])
     with torch.no_grad():
         return model(images), data.val.targets

@@ -88,7 +88,7 @@ def test_their_loader_reads_it_and_agrees_with_predict_on_every_image(trained):
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # torch >= 2.6's default for torch.load
     assert set(checkpoint) == {"model", "head_states"}
     class_names = {task: head["class_names"] for task, head in checkpoint["head_states"].items()}
-    assert class_names == load_checkpoint(trained.checkpoint)["class_names"] and tuple(class_names) == TASKS
+    assert class_names == load_checkpoint(trained.checkpoint).class_names and tuple(class_names) == TASKS
     model = OriginalLayout({task: len(names) for task, names in class_names.items()})
     model.load_state_dict(checkpoint["model"])  # strict, as theirs
     model.eval()
@@ -106,7 +106,7 @@ def test_their_loader_reads_it_and_agrees_with_predict_on_every_image(trained):
 
 
 def test_another_backbone_is_refused_in_one_line_with_exit_2(trained, tmp_path, monkeypatch, capsys):
-    state = load_checkpoint(trained.checkpoint)
+    state = torch.load(trained.checkpoint, weights_only=True)
     state["config"]["model"]["backbone"] = "mobilenet_v3_small"
     torch.save(state, tmp_path / "mobilenet.pt")
     monkeypatch.chdir(tmp_path)
@@ -118,7 +118,7 @@ def test_another_backbone_is_refused_in_one_line_with_exit_2(trained, tmp_path, 
 
 
 def test_a_model_trained_at_another_size_is_exported_with_a_warning(trained, tmp_path, caplog):
-    state = load_checkpoint(trained.checkpoint)
+    state = torch.load(trained.checkpoint, weights_only=True)
     state["preprocessing"]["image_size"] = 64
     torch.save(state, tmp_path / "small.pt")
     with caplog.at_level(logging.WARNING, logger="balatro_train.export"):

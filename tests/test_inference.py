@@ -19,13 +19,14 @@ import balatro_train.enroll as enroll_main
 import balatro_train.evaluate as evaluate_main
 import balatro_train.export as export_main
 import balatro_train.predict as predict_main
-from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint
+from balatro_train.checkpoint import load_checkpoint
 from balatro_train.errors import UserError
 from balatro_train.evaluate import evaluate, misclassified_grid
 from balatro_train.export import export
 from balatro_train.inference import Recognizer
 from balatro_train.preprocessing import load_image
-from balatro_train.predict import find_images, predict
+from balatro_train.image_files import find_images
+from balatro_train.predict import predict
 from balatro_train.train import train
 from conftest import compose, hydra_main, made_once, run_main, tiny_overrides, write_dataset
 
@@ -61,7 +62,7 @@ def trained(tmp_path_factory):
     state = load_checkpoint(run / "checkpoints" / "best.pt")
     root = work / "labelled"
     return SimpleNamespace(work=work, root=root, labels_file=root / "dataset_default" / "labels.json", run=run,
-                           checkpoint=run / "checkpoints" / "best.pt", class_names=state["class_names"],
+                           checkpoint=run / "checkpoints" / "best.pt", class_names=state.class_names,
                            images=root / "dataset_default",
                            predictions=json.loads((work / "predictions.json").read_text()))
 
@@ -162,7 +163,7 @@ def test_misclassified_grid_draws_only_the_mistakes():
 
 def reference_logits(trained, images: torch.Tensor) -> dict[str, torch.Tensor]:
     with torch.inference_mode():
-        return model_from_checkpoint(load_checkpoint(trained.checkpoint))(images)
+        return load_checkpoint(trained.checkpoint).model()(images)
 
 
 def uint8_images(batch: int) -> torch.Tensor:

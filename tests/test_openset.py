@@ -18,15 +18,16 @@ from PIL import Image
 import balatro_train.enroll as enroll_main
 import balatro_train.evaluate as evaluate_main
 import balatro_train.predict as predict_main
-from balatro_train.checkpoint import load_checkpoint
+from balatro_train.checkpoint import Checkpoint, load_checkpoint
 from balatro_train.data import build_data
 from balatro_train.embedding import MarginCrossEntropyLoss, unknown_threshold
-from balatro_train.enroll import enroll, enrolment_views
+from balatro_train.enrolment import enroll, enrolment_views
 from balatro_train.errors import UserError
 from balatro_train.export import export
 from balatro_train.inference import Recognizer
 from balatro_train.model import build_model, head_factories
 from balatro_train.openset import seed_result
+from balatro_train.preprocessing import Preprocessing
 from balatro_train.train import train
 from conftest import COSINE, NEW_CARD, compose, cosine_model_folder, run_cli, run_main, tiny_overrides
 
@@ -64,10 +65,10 @@ def predict_cli(tool, *args: str) -> dict:
 
 def test_the_checkpoint_carries_the_threshold_that_accepts_95_percent_of_validation_images(cosine_model):
     state = load_checkpoint(cosine_model.checkpoint)
-    data = build_data(OmegaConf.create(state["config"]), state["class_names"], state["split"])
+    data = build_data(OmegaConf.create(state.config), state.class_names, state.split)
     recognizer = Recognizer(state, "cpu")
     scores = recognizer.max_cosines(recognizer.logits([data.val.images[i] for i in range(len(data.val))]))
-    threshold = state["unknown_thresholds"]["identification"]
+    threshold = state.unknown_thresholds["identification"]
     assert threshold == pytest.approx(torch.quantile(scores["identification"], 0.05).item(), abs=1e-5)
     assert (scores["identification"] >= threshold).float().mean() >= 0.8  # 6 images: all but the lowest
 
@@ -75,7 +76,7 @@ def test_the_checkpoint_carries_the_threshold_that_accepts_95_percent_of_validat
 def test_cards_never_seen_come_back_unknown_below_the_threshold_and_known_ones_above_it_do_not(cosine_model, tool):
     images = [*cosine_model.never_seen, *cosine_model.known]
     result = predict_cli(tool, f"checkpoint={cosine_model.run}", f"images=[{','.join(map(str, images))}]")
-    threshold = load_checkpoint(cosine_model.checkpoint)["unknown_thresholds"]["identification"]
+    threshold = load_checkpoint(cosine_model.checkpoint).unknown_thresholds["identification"]
     unknown = set()
     for file, r in result.items():
         raw, labels = r["raw"]["identification"], r["labels"]["identification"]
@@ -109,9 +110,9 @@ def test_enrolled_card_is_then_what_predict_returns_for_its_other_screenshots(co
              "type=Planet", f"out={out}"], cwd=cosine_model.work, module="balatro_train.enroll")
     assert hashlib.sha256(cosine_model.checkpoint.read_bytes()).hexdigest() == before  # the input is untouched
     state = load_checkpoint(out, "checkpoint")
-    assert state["class_names"]["identification"][-1] == NEW_CARD
-    assert state["enrolled"] == {"identification": {NEW_CARD: 6}}  # 3 screenshots and their inverted views
-    assert state["cards"][NEW_CARD] == {"name": NEW_CARD, "type": "Planet"}  # as given on the command line
+    assert state.class_names["identification"][-1] == NEW_CARD
+    assert state.enrolled == {"identification": {NEW_CARD: 6}}  # 3 screenshots and their inverted views
+    assert state.cards[NEW_CARD] == {"name": NEW_CARD, "type": "Planet"}  # as given on the command line
     others = cosine_model.new_card[3:]
     result = predict_cli(tool, f"checkpoint={out}", f"images=[{','.join(map(str, others))}]")
     assert [r["labels"]["identification"][0]["label"] for r in result.values()] == [NEW_CARD] * len(others)
@@ -127,8 +128,8 @@ def test_enrolled_card_is_then_what_predict_returns_for_its_other_screenshots(co
                    f"out={out}", "overwrite=true")
     assert batched.returncode == 0, batched.stderr
     from_labels = load_checkpoint(out, "checkpoint")
-    assert from_labels["enrolled"] == {"identification": {NEW_CARD: 4}}
-    assert from_labels["cards"][NEW_CARD]["type"] == "Planet" and from_labels["cards"][NEW_CARD]["rarity"] == "Common"
+    assert from_labels.enrolled == {"identification": {NEW_CARD: 4}}
+    assert from_labels.cards[NEW_CARD]["type"] == "Planet" and from_labels.cards[NEW_CARD]["rarity"] == "Common"
 
     same = tool(enroll_main, f"checkpoint={cosine_model.checkpoint}", f"images={shots[0]}", f"name={NEW_CARD}",
                 f"out={cosine_model.checkpoint}")
@@ -143,25 +144,27 @@ def test_enrolled_card_is_then_what_predict_returns_for_its_other_screenshots(co
 def test_enrolment_imprints_the_mean_and_updates_with_a_running_mean():
     cfg = compose(["tasks.identification.head=cosine", "model.pretrained=false", "model.backbone=mobilenet_v3_small"])
     model = build_model(cfg.model, {"identification": ["a", "b"], "modifier": ["Base"]}, heads=head_factories(cfg))
-    state = {"model": model.state_dict(), "class_names": {"identification": ["a", "b"], "modifier": ["Base"]},
-             "fields": {"identification": "name", "modifier": "modifier"}}
+    state = Checkpoint(OmegaConf.to_container(cfg, resolve=True), {"identification": ["a", "b"], "modifier": ["Base"]},
+                       model.state_dict(), Preprocessing(32, (0, 0, 0), {}))
     embeddings = F.normalize(torch.randn(3, model.heads["identification"].weight.shape[1]), dim=1)
     first, done = enroll(state, {"identification": embeddings[:2]}, [{"name": "c"}] * 2)
-    assert first["class_names"]["identification"] == ["a", "b", "c"] and first["class_names"]["modifier"] == ["Base"]
-    assert torch.allclose(first["model"]["heads.identification.weight"][2], embeddings[:2].mean(0), atol=1e-6)
+    assert first.class_names["identification"] == ["a", "b", "c"] and first.class_names["modifier"] == ["Base"]
+    assert torch.allclose(first.prototypes("identification")[2], embeddings[:2].mean(0), atol=1e-6)
     assert done == ["identification: enrolled 'c' as class 2 from 2 images"]
     second, _ = enroll(first, {"identification": embeddings[2:]}, [{"name": "c"}])  # one more: the mean of all three
-    assert torch.allclose(second["model"]["heads.identification.weight"][2], embeddings.mean(0), atol=1e-6)
-    assert second["enrolled"]["identification"]["c"] == 3 and state["class_names"]["identification"] == ["a", "b"]
+    assert torch.allclose(second.prototypes("identification")[2], embeddings.mean(0), atol=1e-6)
+    assert second.enrolled["identification"]["c"] == 3 and state.class_names["identification"] == ["a", "b"]
     trained, _ = enroll(state, {"identification": embeddings[2:]}, [{"name": "a"}])  # half its own, half the new
-    a = F.normalize(state["model"]["heads.identification.weight"][0], dim=0)
-    assert torch.allclose(trained["model"]["heads.identification.weight"][0], (a + embeddings[2]) / 2, atol=1e-6)
-    assert trained["class_names"]["identification"] == ["a", "b"]
+    a = F.normalize(state.prototypes("identification")[0], dim=0)
+    assert torch.allclose(trained.prototypes("identification")[0], (a + embeddings[2]) / 2, atol=1e-6)
+    assert trained.class_names["identification"] == ["a", "b"]
     with pytest.raises(UserError, match="no name= given"):
         enroll(state, {"identification": embeddings[:1]}, [{"type": "Joker"}])
-    linear = build_model(cfg.model, {"identification": ["a"], "modifier": ["Base"]})
+    linear_cfg = compose(["model.pretrained=false", "model.backbone=mobilenet_v3_small"])
+    linear = build_model(linear_cfg.model, {"identification": ["a"], "modifier": ["Base"]})
     with pytest.raises(UserError, match="none of its tasks has an embedding head"):
-        enroll({**state, "model": linear.state_dict()}, {}, [{"name": "c"}])
+        enroll(Checkpoint(OmegaConf.to_container(linear_cfg, resolve=True), {"identification": ["a"], "modifier": ["Base"]},
+                          linear.state_dict(), Preprocessing(32, (0, 0, 0), {})), {}, [{"name": "c"}])
 
 
 def test_enrolment_of_real_screenshots_imprints_the_mean_of_their_unit_length_embeddings(cosine_model):
@@ -176,8 +179,8 @@ def test_enrolment_of_real_screenshots_imprints_the_mean_of_their_unit_length_em
     with torch.no_grad():
         centred = head.neck(model.backbone(model.input(batch)))
     expected = F.normalize(centred, dim=1).mean(dim=0)
-    assert enrolled["class_names"]["identification"][-1] == NEW_CARD
-    assert torch.allclose(enrolled["model"]["heads.identification.weight"][-1], expected, atol=1e-5)
+    assert enrolled.class_names["identification"][-1] == NEW_CARD
+    assert torch.allclose(enrolled.prototypes("identification")[-1], expected, atol=1e-5)
     assert (centred.norm(dim=1) - 1).abs().min() > 0.1  # unnormalised, they would give another prototype
 
 
@@ -189,12 +192,12 @@ def test_an_enrolled_checkpoint_exports_its_prototypes_and_threshold_to_onnx(cos
     recognizer = Recognizer(state, "cpu")
     shots = [recognizer.preprocessing.load(p) for p in cosine_model.new_card[:2]]
     enrolled, _ = enroll(state, recognizer.embeddings(shots), [{"name": NEW_CARD}] * 2)
-    torch.save(enrolled, tmp_path / "enrolled.pt")
+    enrolled.save([tmp_path / "enrolled.pt"])
     out = export(tmp_path / "enrolled.pt", "onnx", tmp_path / "enrolled.onnx")
     props = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
     assert props["class_names"]["identification"][-1] == NEW_CARD
     assert props["unknown"]["identification"] == {"scale": 16.0, "threshold": pytest.approx(
-        state["unknown_thresholds"]["identification"]), "rule": props["unknown"]["identification"]["rule"]}
+        state.unknown_thresholds["identification"]), "rule": props["unknown"]["identification"]["rule"]}
     images = np.stack([recognizer.preprocessing.load(p) for p in cosine_model.new_card[2:5]])
     outputs = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": images})
     expected = Recognizer(enrolled, "cpu").logits(list(images))
@@ -225,14 +228,14 @@ def test_an_enrolled_checkpoint_starts_a_new_run_but_does_not_resume_its_old_one
     state = load_checkpoint(cosine_model.checkpoint)
     recognizer = Recognizer(state, "cpu")
     shots = [recognizer.preprocessing.load(p) for p in cosine_model.new_card[:2]]
-    torch.save(enroll(state, recognizer.embeddings(shots), [{"name": NEW_CARD}] * 2)[0], tmp_path / "enrolled.pt")
+    enroll(state, recognizer.embeddings(shots), [{"name": NEW_CARD}] * 2)[0].save([tmp_path / "enrolled.pt"])
     with pytest.raises(UserError, match="start a new run from it with init_from="):
         load_checkpoint(tmp_path / "enrolled.pt", "resume")
     data = {"labels_file": cosine_model.labels_file, "augmented": ""}  # every card, the enrolled one included
     cfg = compose([*tiny_overrides(data, cosine_model.root), *COSINE, "trainer.epochs=1",
                    f"init_from={tmp_path / 'enrolled.pt'}"])
     train(cfg, tmp_path / "run")
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["class_names"]["identification"][-1] == NEW_CARD
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt").class_names["identification"][-1] == NEW_CARD
     with pytest.raises(UserError, match="task heads"):  # a linear run cannot start from a cosine checkpoint
         train(compose([*tiny_overrides(data, cosine_model.root), *[o for o in COSINE if "head=" not in o], "trainer.epochs=1",
                        f"init_from={cosine_model.checkpoint}"]), tmp_path / "linear")
@@ -277,7 +280,7 @@ def test_the_open_set_benchmark_measures_a_seed_from_its_run_folder(dataset, tmp
     train(cfg, job)
     (job / ".hydra").mkdir()
     OmegaConf.save(cfg, job / ".hydra" / "config.yaml")  # what Hydra writes for a sweep job
-    assert set(load_checkpoint(job / "checkpoints" / "best.pt")["unknown_thresholds"]) == {"identification"}
+    assert set(load_checkpoint(job / "checkpoints" / "best.pt").unknown_thresholds) == {"identification"}
     result = seed_result(job)  # a linear head (modifier) says no "unknown"; the cosine one does
     assert result["held_out_cards"] == 1 and result["task"] == "identification"
     for key in ("auroc", "known_accepted", "unseen_rejected", "known_top1", "enrolled_top1_1shot", "enrolled_top1_3shot"):

@@ -226,4 +226,4 @@ def test_a_second_enrolment_to_the_default_out_needs_overwrite(checkpoint, scree
         enroll_checkpoint(enrolment(checkpoint, screenshots, "Mercury_1.png"))
     assert kept()
     enroll_checkpoint(enrolment(checkpoint, screenshots, "Mercury_1.png", overwrite="true"))
-    assert not kept() and load_checkpoint(first, "checkpoint")["enrolled"]  # the second enrolment, whole
+    assert not kept() and load_checkpoint(first, "checkpoint").enrolled  # the second enrolment, whole

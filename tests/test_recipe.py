@@ -4,6 +4,7 @@ recolouring that only the card's identity learns from."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import threading
@@ -16,13 +17,15 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint
-from balatro_train.data import CardDataset, build_data, make_loaders
-from balatro_train.device import autocast
+from balatro_train.checkpoint import Checkpoint, load_checkpoint
+from balatro_train.data import CardDataset, build_data
 from balatro_train.embedding import IGNORE, MarginCrossEntropyLoss
 from balatro_train.errors import Interrupted, UserError, user_error_in
 from balatro_train.model import build_model
-from balatro_train.train import start_model, train, train_one_epoch
+from balatro_train.preprocessing import Preprocessing
+from balatro_train.distributed import Process
+from balatro_train.run_setup import build_run
+from balatro_train.train import train, train_one_epoch
 from conftest import compose, read_metrics, validation_outputs
 from test_robustness import StopAfterSteps
 
@@ -69,8 +72,8 @@ def test_with_an_ema_the_average_is_validated_and_saved_and_training_goes_on_fro
     train(cfg, tmp_path / "run")
     last = tmp_path / "run/checkpoints/last.pt"
     state = load_checkpoint(last)
-    ema, raw = state["model"], state["training_weights"]
-    assert state["averaged_steps"] == 2 * math.ceil(len(state["split"]["train"]) / cfg.trainer.batch_size)
+    ema, raw = state.weights, state.training.training_weights
+    assert state.training.averaged_steps == 2 * math.ceil(len(state.split["train"]) / cfg.trainer.batch_size)
     assert any(not torch.equal(ema[k], raw[k]) for k in ema if ema[k].is_floating_point())
     # The logged validation loss is the saved model's (the average's), not the raw weights'.
     logits, targets = validation_outputs(last)
@@ -78,7 +81,7 @@ def test_with_an_ema_the_average_is_validated_and_saved_and_training_goes_on_fro
     smoothing = cfg.tasks.identification.label_smoothing
     assert row["identification/val_loss"] == pytest.approx(nn.functional.cross_entropy(
         logits["identification"], targets["identification"], label_smoothing=smoothing).item(), rel=1e-4)
-    raw_model = build_model(state["config"]["model"], state["class_names"], raw).eval()
+    raw_model = build_model(state.config["model"], state.class_names, raw).eval()
     with torch.no_grad():
         raw_logits = raw_model(torch.stack(val_images(last)))
     raw_loss = nn.functional.cross_entropy(raw_logits["identification"], targets["identification"],
@@ -88,7 +91,7 @@ def test_with_an_ema_the_average_is_validated_and_saved_and_training_goes_on_fro
 
 def val_images(checkpoint) -> list[torch.Tensor]:
     state = load_checkpoint(checkpoint)
-    data = build_data(OmegaConf.create(state["config"]), state["class_names"], state["split"])
+    data = build_data(OmegaConf.create(state.config), state.class_names, state.split)
     return [data.val[i][0] for i in range(len(data.val))]
 
 
@@ -126,8 +129,7 @@ def test_model_weights_loads_a_local_state_dict_which_a_checkpoint_then_no_longe
     assert all(torch.equal(model.backbone.state_dict()[k], saved[k]) for k in model.backbone.state_dict())
     # A model rebuilt from its checkpoint takes the checkpoint's weights and never reads the file.
     path.unlink()
-    rebuilt = model_from_checkpoint({"config": {"model": dict(cfg.model)}, "class_names": CLASSES,
-                                     "model": model.state_dict()})
+    rebuilt = Checkpoint({"model": dict(cfg.model)}, CLASSES, model.state_dict(), Preprocessing(32, (0, 0, 0), {})).model()
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
@@ -198,13 +200,11 @@ def test_a_tasks_training_loss_is_its_mean_over_the_images_it_learned_from(tiny_
     their augmentation) give the same per-batch losses again."""
     cfg = tiny_cfg("data.recolour=0.5", "optimizer.lr=0")
     built = build_data(cfg)
-    model = start_model(cfg, built.class_names, None)
     loss_fns = {task: MarginCrossEntropyLoss() for task in built.class_names}
-    train_loader, _ = make_loaders(cfg, built, CPU)
+    run = dataclasses.replace(build_run(cfg, built, Process(0, 1, CPU)), losses=loss_fns)
+    model, train_loader = run.model, run.train_loader
     train_loader.sampler.set_epoch(1)
-    _, means = train_one_epoch(model, train_loader, instantiate(cfg.optimizer)(model),
-                               torch.amp.GradScaler("cpu", enabled=False), loss_fns, autocast(CPU, None), CPU,
-                               threading.Event(), desc="lr 0")
+    _, means = train_one_epoch(run, threading.Event())
     sums = {task: {"learned": 0.0, "batch": 0.0} for task in loss_fns}
     counts = {task: {"learned": 0, "batch": 0} for task in loss_fns}
     with torch.no_grad():

@@ -9,6 +9,7 @@ import json
 import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,6 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from balatro_train import train as train_module
+from balatro_train.errors import UserError
+from balatro_train.inference import Recognizer
 from balatro_train.train import train
 from conftest import (compose, made_once, read_metrics, run_cli, run_dirs, run_main, tiny_overrides, validation_outputs,
                       without_timing, write_dataset)
@@ -79,6 +82,36 @@ def test_single_run_leaves_a_complete_run_folder(single_run):
     for key in ("model", "optimizer", "scheduler", "scaler", "best_val_loss", "bad_epochs", "rng"):
         assert key in best
     assert "Traceback" not in (run / "train.log").read_text()
+
+
+def test_best_pt_holds_the_model_and_last_pt_the_run_to_resume(single_run, tmp_path):
+    """best.pt (what publish_to copies, and predict, export and enrol read) is the model without the run's
+    optimizer state; last.pt and epoch_NNN.pt are what a resume takes, and a resume from best.pt says so."""
+    checkpoints = single_run.dir / "checkpoints"
+    best, last, periodic = (torch.load(checkpoints / name, weights_only=True)
+                            for name in ("best.pt", "last.pt", "epoch_002.pt"))
+    for key in ("optimizer", "scheduler", "scaler", "rng"):
+        assert best[key] is None and last[key] is not None and periodic[key] is not None, key
+    assert (checkpoints / "best.pt").stat().st_size < 0.5 * (checkpoints / "last.pt").stat().st_size
+    with pytest.raises(UserError, match=rf"^resume={checkpoints / 'best.pt'}: a model checkpoint .*; resume from "
+                                        rf"{checkpoints / 'last.pt'} or an epoch_NNN.pt beside it"):
+        train(compose([*single_run.overrides, f"resume={checkpoints / 'best.pt'}"]), tmp_path / "resumed")
+
+
+def test_a_checkpoint_saved_with_per_task_pipelines_still_predicts_and_resumes(single_run, tmp_path):
+    """Checkpoints written before the pipelines moved to data.train_transforms / data.val_transforms name
+    them under each task: their config is read as today's, so a resume finds nothing changed."""
+    state = torch.load(single_run.dir / "checkpoints" / "last.pt", weights_only=True)
+    data = state["config"]["data"]
+    pipelines = {"train_transforms": data.pop("train_transforms"), "val_transforms": data.pop("val_transforms")}
+    for task in state["config"]["tasks"].values():
+        task.update(pipelines)
+    torch.save(state, tmp_path / "old.pt")
+    image = np.zeros((40, 30, 3), dtype=np.uint8)
+    assert Recognizer.from_checkpoint(tmp_path / "old.pt").predict(image) == \
+        Recognizer.from_checkpoint(single_run.dir / "checkpoints" / "last.pt").predict(image)
+    cfg = compose([*single_run.overrides, "trainer.epochs=4", f"resume={tmp_path / 'old.pt'}", "publish_to=null"])
+    assert train(cfg, tmp_path / "resumed") == state["best_val_loss"]  # a finished run: nothing left to train
 
 
 def test_split_keeps_augmented_copies_of_validation_images_out_of_training(single_run):

@@ -10,6 +10,7 @@ stopping and the diverging-loss stop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -26,8 +27,9 @@ from balatro_train.data import build_data, make_loaders
 from balatro_train.errors import UserError
 from balatro_train.metrics import build_metrics
 from balatro_train.preprocessing import load_image
-from balatro_train.device import autocast
-from balatro_train.train import class_weights, start_model, train, train_one_epoch
+from balatro_train.distributed import Process
+from balatro_train.run_setup import build_run, class_weights
+from balatro_train.train import train, train_one_epoch
 from conftest import (NAMES, compose, read_metrics, tiny_overrides, validation_outputs, without_timing,
                       write_dataset)
 
@@ -56,7 +58,7 @@ def test_an_epoch_feeds_each_training_file_once_and_nothing_of_validation(datase
     data, root = dataset
     cfg = tiny_cfg(*UNAUGMENTED)
     built = build_data(cfg)
-    train_loader, val_loader = make_loaders(cfg, built, CPU)
+    train_loader, val_loader = make_loaders(cfg, built, Process(0, 1, CPU))
 
     # every image of the labels files, decoded and normalised as the loader prepares it
     labels = json.loads(Path(data["labels_file"]).read_text())
@@ -104,7 +106,7 @@ def test_the_weighted_sampler_draws_rare_and_common_classes_about_evenly(tmp_pat
     names = built.class_names["identification"]
     available = Counter(built.train_labels)
     assert sorted(available.values()) == [2, 4, 6, 20]
-    train_loader, _ = make_loaders(cfg, built, CPU)
+    train_loader, _ = make_loaders(cfg, built, Process(0, 1, CPU))
 
     epochs = 8
     drawn = Counter(names[targets["identification"]] for epoch in range(1, epochs + 1)
@@ -191,7 +193,7 @@ def test_a_run_weighs_its_losses_by_the_configured_class_weights(tiny_cfg, tmp_p
     [row] = read_metrics(tmp_path / "run")
     logits, targets = validation_outputs(tmp_path / "run/checkpoints/last.pt")
     assert len(targets["modifier"]) <= cfg.trainer.batch_size  # one validation batch: one weighted mean
-    names = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["class_names"]["modifier"]
+    names = load_checkpoint(tmp_path / "run/checkpoints/last.pt").class_names["modifier"]
     w = torch.tensor([weights[names[t]] for t in targets["modifier"].tolist()])
     per_image = nn.functional.cross_entropy(logits["modifier"], targets["modifier"], reduction="none")
     weighted, plain = (w * per_image).sum().item() / w.sum().item(), per_image.mean().item()
@@ -217,17 +219,15 @@ def test_one_step_changes_exactly_the_modules_the_freeze_strategy_trains(tiny_cf
     module (and the heads, always) changes."""
     cfg = tiny_cfg(f"freeze={freeze}", "optimizer=group")
     built = build_data(cfg)
-    model = start_model(cfg, built.class_names, None)
-    optimizer = instantiate(cfg.optimizer)(model)  # as train.train builds them
     loss_fns = {task: nn.CrossEntropyLoss() for task in built.class_names}
-    train_loader, _ = make_loaders(cfg, built, CPU)
-    train_loader.sampler.set_epoch(1)
+    run = dataclasses.replace(build_run(cfg, built, Process(0, 1, CPU)), losses=loss_fns)  # as train.train builds it
+    model = run.model
+    run.train_loader.sampler.set_epoch(1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     stop = threading.Event()
     stop.set()  # one step, then stop
-    seen, _ = train_one_epoch(model, train_loader, optimizer, torch.amp.GradScaler("cpu", enabled=False), loss_fns,
-                              autocast(CPU, None), CPU, stop, desc="one step")
+    seen, _ = train_one_epoch(run, stop)
     assert seen == cfg.trainer.batch_size
 
     after = model.state_dict()
@@ -245,7 +245,7 @@ def test_one_step_changes_exactly_the_modules_the_freeze_strategy_trains(tiny_cf
 def test_a_run_with_freeze_all_trains_only_the_heads_and_keeps_batchnorm_statistics(tiny_cfg, tmp_path):
     cfg = tiny_cfg(SMALL, "freeze=all", "trainer.epochs=2", "trainer.checkpoint_interval=1", "publish_to=null")
     train(cfg, tmp_path / "run")
-    first, second = (load_checkpoint(tmp_path / f"run/checkpoints/epoch_00{e}.pt")["model"] for e in (1, 2))
+    first, second = (load_checkpoint(tmp_path / f"run/checkpoints/epoch_00{e}.pt").weights for e in (1, 2))
     backbone = [k for k in first if k.startswith("backbone.")]
     assert any(k.endswith("running_mean") for k in backbone)
     assert all(torch.equal(first[k], second[k]) for k in backbone)
@@ -259,7 +259,7 @@ def test_a_single_task_run_with_the_weighted_sampler_class_weights_and_plateau(t
     rows = read_metrics(tmp_path / "run")
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"modifier/top1_acc", "modifier/val_loss"} <= set(rows[0]) and "identification/val_loss" not in rows[0]
-    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["class_names"] == {
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt").class_names == {
         "modifier": ["Base", "Foil", "Negative"]}
 
 
@@ -280,7 +280,7 @@ def test_resume_is_exact_with_a_model_that_draws_random_numbers_in_its_forward(t
     rows = read_metrics(full)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert without_timing(read_metrics(resumed)) == without_timing(rows)
-    final, again = (load_checkpoint(d / "checkpoints/last.pt")["model"] for d in (full, resumed))
+    final, again = (load_checkpoint(d / "checkpoints/last.pt").weights for d in (full, resumed))
     assert all(torch.equal(final[k], again[k]) for k in final)
 
 
@@ -296,8 +296,8 @@ def test_early_stopping_stops_at_the_epoch_the_patience_rule_says(tiny_cfg, tmp_
     assert len({r["val_loss"] for r in rows}) == 1  # the premise: nothing improves after epoch 1
     assert [r["epoch"] for r in rows] == list(range(1, last_epoch + 1))
     last = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
-    assert (last["epoch"], last["bad_epochs"]) == (last_epoch, last_epoch - 1)
-    assert load_checkpoint(tmp_path / "run/checkpoints/best.pt")["epoch"] == 1
+    assert (last.progress.epoch, last.progress.bad_epochs) == (last_epoch, last_epoch - 1)
+    assert load_checkpoint(tmp_path / "run/checkpoints/best.pt").progress.epoch == 1
 
 
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path):
@@ -310,8 +310,8 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_
     assert f"The last good checkpoint is {last}" in str(error.value)
     assert [r["epoch"] for r in read_metrics(tmp_path / "run")] == [1]
     state = load_checkpoint(last)
-    assert state["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state.progress.epoch == 1
+    assert all(torch.isfinite(v).all() for v in state.weights.values() if v.is_floating_point())
     logits, _ = validation_outputs(last)  # it loads into a model that computes finite outputs
     assert all(torch.isfinite(v).all() for v in logits.values())
 
@@ -324,7 +324,7 @@ def test_bf16_autocast_trains_and_validates_on_cpu(tiny_cfg, tmp_path):
     train(cfg, tmp_path / "run")
     [row] = read_metrics(tmp_path / "run")
     assert math.isfinite(row["train_loss"]) and row["train_loss"] > 0
-    weights = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"]
+    weights = load_checkpoint(tmp_path / "run/checkpoints/last.pt").weights
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float32}
     logits, targets = validation_outputs(tmp_path / "run/checkpoints/last.pt")
     for task in logits:

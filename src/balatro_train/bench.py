@@ -22,11 +22,13 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from balatro_train.config import CONFIG_DIR, check_config, typed_config
-from balatro_train.data import build_data, make_loaders
-from balatro_train.device import autocast, resolve_device, resolve_precision
+from balatro_train.data import build_data
+from balatro_train.device import resolve_device
+from balatro_train.distributed import Process
 from balatro_train.errors import exit_on_user_error
-from balatro_train.optim import weight_average
-from balatro_train.train import build_losses, start_model, train_one_epoch, training_step
+from balatro_train.progress import TrainingProgress
+from balatro_train.run_setup import build_run
+from balatro_train.train import train_one_epoch, training_step
 
 
 @exit_on_user_error
@@ -49,60 +51,49 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run_benchmark(cfg, steps: int) -> dict:
-    """The model, optimizer, step and loaders are built by the runner's own functions."""
+    """The run is built as train() builds it (run_setup.build_run), and steps as train() steps."""
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.trainer.device)
-    amp_dtype = resolve_precision(cfg.trainer.precision, device)
-    forward = autocast(device, amp_dtype)
+    process = Process(0, 1, resolve_device(cfg.trainer.device))
+    device = process.device
     if cfg.dataset.render is not None:
         instantiate(cfg.dataset.render)
     started = time.perf_counter()
     data = build_data(cfg)
     decode_seconds = time.perf_counter() - started
-
-    def fresh_model_and_optimizer():
-        """As train() builds them: the model (compiled if asked), its optimizer, its EMA (or None)."""
-        model = start_model(cfg, data.class_names, None).to(device)
-        return (torch.compile(model) if cfg.trainer.compile else model, instantiate(cfg.optimizer)(model),
-                weight_average(model, cfg.trainer.ema_decay))
-
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     batch, size = cfg.trainer.batch_size, cfg.data.image_size
 
     # (a) the bare step on a batch already on the device, as the loader delivers it (uint8 NHWC)
-    model, optimizer, _ = fresh_model_and_optimizer()
-    loss_fns = build_losses(cfg, model.heads, data.class_names, device)  # the run's own losses
-    model.train()
+    run = build_run(cfg, data, process)
+    run.step_model.train()
     images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
     targets = {t: torch.randint(0, len(n), (batch,), device=device) for t, n in data.class_names.items()}
     for _ in range(3):
-        training_step(model, images, targets, optimizer, scaler, loss_fns, forward)
+        training_step(run, images, targets)
     synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
-        training_step(model, images, targets, optimizer, scaler, loss_fns, forward)
+        training_step(run, images, targets)
     synchronize(device)
     bare = batch * steps / (time.perf_counter() - started)
 
     # (b) the data pipeline alone, one epoch of the real training loader
-    train_loader, _ = make_loaders(cfg, data, device)
+    train_loader = run.train_loader
     train_loader.sampler.set_epoch(1)
     started = time.perf_counter()
     seen = sum(len(images) for images, _ in train_loader)
     pipeline = seen / (time.perf_counter() - started)
 
-    # (c) the runner's real epoch (with the EMA update after each step where trainer.ema_decay keeps
-    # one); the first one warms up allocators and workers
-    model, optimizer, averaged = fresh_model_and_optimizer()
+    # (c) the runner's real epoch, on a fresh run (with the EMA update after each step where
+    # trainer.ema_decay keeps one); the first one warms up allocators and workers
+    run = build_run(cfg, data, process)
     runner = 0.0
     for epoch in (1, 2):
-        train_loader.sampler.set_epoch(epoch)
+        run.train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
-        seen, loss_means = train_one_epoch(model, train_loader, optimizer, scaler, loss_fns, forward, device,
-                                           threading.Event(), averaged=averaged, desc=f"runner epoch {epoch}")
-        for mean in loss_means.values():
+        trained = train_one_epoch(run, threading.Event(), progress=TrainingProgress(f"runner epoch {epoch}"))
+        for mean in trained.loss_means.values():
             mean.compute()
-        runner = seen / (time.perf_counter() - started)
+        runner = trained.seen / (time.perf_counter() - started)
 
     return {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
@@ -110,7 +101,7 @@ def run_benchmark(cfg, steps: int) -> dict:
                     "torch": torch.__version__},
         "settings": {"backbone": cfg.model.backbone, "freeze": list(cfg.freeze.trainable or []) if
                      cfg.freeze.trainable is not None else "none", "image_size": size, "batch_size": batch,
-                     "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
+                     "precision": str(run.precision or torch.float32).replace("torch.", ""),
                      "channels_last": cfg.trainer.channels_last, "compile": cfg.trainer.compile,
                      "train_images": len(data.train),
                      "num_workers": train_loader.num_workers},

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from balatro_train.distributed import ALONE, Process
 from balatro_train.embedding import IGNORE
 from balatro_train.errors import UserError
 from balatro_train.labels import Sample, check_fields, check_unique_files, class_names_of, read_labels
@@ -148,15 +149,15 @@ class EpochSampler(Sampler):
     """Draws an epoch's (index, augmentation seed) pairs from the run seed and the epoch alone.
 
     Shuffles, or with `weights` draws with replacement so that classes come up evenly. Under
-    DDP every process makes the same draw and takes every `world`-th pair from `rank` on.
+    DDP every process makes the same draw, padded to a multiple of the processes, and takes its
+    `Process.shard` of it.
     Like DistributedSampler, call `set_epoch` before each epoch; nothing else carries state,
     which is what makes resume exact.
     """
 
-    def __init__(self, num_samples: int, seed: int, weights: torch.Tensor | None = None, rank: int = 0,
-                 world: int = 1):
+    def __init__(self, num_samples: int, seed: int, weights: torch.Tensor | None = None, process: Process = ALONE):
         self.num_samples, self.seed, self.weights, self.epoch, self.start = num_samples, seed, weights, 0, 0
-        self.rank, self.world = rank, world
+        self.process, self.world = process, process.world
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """`start` skips the epoch's first draws: those an interrupted run had already trained on."""
@@ -175,7 +176,7 @@ class EpochSampler(Sampler):
         draws = list(zip(order.tolist(), seeds.tolist()))
         if self.world > 1:  # every process draws the same epoch and takes its share, padded to equal length
             draws += draws[: math.ceil(len(draws) / self.world) * self.world - len(draws)]
-            draws = draws[self.rank :: self.world]
+            draws = self.process.shard(draws)
         return iter(draws[self.start:])
 
 
@@ -399,8 +400,10 @@ def recolouring(cfg) -> Recolouring | None:
                        tuple(task for task in cfg.tasks if task not in invariant))
 
 
-def make_loaders(cfg, data: Data, device: torch.device, rank: int = 0, world: int = 1) -> tuple[DataLoader, DataLoader]:
-    """trainer.batch_size is the global batch: each of `world` processes loads its share."""
+def make_loaders(cfg, data: Data, process: Process = ALONE) -> tuple[DataLoader, DataLoader]:
+    """trainer.batch_size is the global batch: each of the run's processes loads its share (`Process.shard`)
+    of the training draws and of the validation images."""
+    device, world = process.device, process.world
     workers = cfg.trainer.num_workers
     if workers == "auto":  # worker processes pay off only when cores are left beside the model's threads
         threads = torch.get_num_threads()
@@ -414,6 +417,6 @@ def make_loaders(cfg, data: Data, device: torch.device, rank: int = 0, world: in
                   pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     # A last batch of one image would stop BatchNorm ("expected more than 1 value per channel"): drop it.
     lonely_last = math.ceil(len(data.train) / world) % common["batch_size"] == 1
-    train_loader = DataLoader(data.train, sampler=EpochSampler(len(data.train), cfg.seed, weights, rank, world),
+    train_loader = DataLoader(data.train, sampler=EpochSampler(len(data.train), cfg.seed, weights, process),
                               drop_last=lonely_last, **common)
-    return train_loader, DataLoader(Subset(data.val, range(rank, len(data.val), world)), **common)
+    return train_loader, DataLoader(Subset(data.val, process.shard(range(len(data.val)))), **common)

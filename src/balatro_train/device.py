@@ -1,20 +1,14 @@
 """Where a run or a recogniser computes and in which precision: decided here, once (kept light:
-no trainer imports, so that inference loads quickly)."""
+no trainer imports, so that inference loads quickly). The processes of a torchrun job: distributed.py."""
 
 from __future__ import annotations
 
 import functools
-import logging
-import os
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from balatro_train.errors import UserError
 
-
-log = logging.getLogger("balatro_train")
 
 
 def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
@@ -42,37 +36,3 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     """The one autocast context of a run: `with autocast():` around every forward pass."""
     return functools.partial(torch.autocast, device.type, dtype=amp_dtype or torch.float32,
                              enabled=amp_dtype is not None)
-
-
-@dataclass(frozen=True)
-class Process:
-    """This process's place in the run: `rank` of `world` processes (1 without torchrun), on `device`."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        """Only the first process writes files; all of them train."""
-        return self.rank == 0
-
-
-def start_process(device_name: str) -> Process:
-    """Resolve trainer.device; under torchrun (WORLD_SIZE > 1) also join the process group, NCCL with
-    one GPU per process (cuda:LOCAL_RANK), gloo on the CPU."""
-    device = resolve_device(device_name)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Process(0, 1, device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend)
-    rank = dist.get_rank()
-    if rank != 0:  # one voice in the log
-        log.setLevel(logging.WARNING)
-    log.info("distributed: %d processes, backend %s, %d CPU threads per process", world, backend,
-             torch.get_num_threads())
-    return Process(rank, world, device)

@@ -31,22 +31,19 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from balatro_train.checkpoint import load_checkpoint, save_checkpoint
+from balatro_train.checkpoint import load_checkpoint
 from balatro_train.config import CONFIG_DIR
-from balatro_train.embedding import imprint
+from balatro_train.enrolment import embedding_tasks, enroll, enrolment_views
 from balatro_train.errors import UserError, exit_on_user_error
+from balatro_train.image_files import find_images
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
 from balatro_train.labels import read_labels
 from balatro_train.outputs import check_outputs
-from balatro_train.predict import find_images
 
 log = logging.getLogger("balatro_train.enroll")
 CLI_KEYS = ("checkpoint", "images", "labels", "root", "out", "overwrite", "negative_view", "device", "batch_size")
-PER_SCREENSHOT = {"full_path", "parent", "augmentation", "modifier"}  # labels keys that describe a screenshot, not the card
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="enroll")
@@ -69,7 +66,7 @@ def enroll_checkpoint(cfg: DictConfig) -> Path:
     recognizer = Recognizer(state, cfg.device, cfg.batch_size)
     images, values = enrolment_views([load(recognizer, path) for path in paths], values, cfg.negative_view)
     enrolled, added = enroll(state, recognizer.embeddings(images), values)
-    save_checkpoint(enrolled, [out])
+    enrolled.save([out])
     log.info("%d screenshots%s: %s in %.1f s; wrote %s", len(paths), " and their inverted views" if cfg.negative_view
              else "", "; ".join(added), time.perf_counter() - started, out)
     return out
@@ -111,70 +108,6 @@ def load(recognizer: Recognizer, path: Path) -> np.ndarray:
         return recognizer.preprocessing.load(path)
     except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
         raise UserError(f"{path}: not a readable image ({type(e).__name__}); fix it or leave it out") from None
-
-
-def enrolment_views(images: list[np.ndarray], values: list[dict], negative_view: bool = True
-                    ) -> tuple[list[np.ndarray], list[dict]]:
-    """The images to embed for enrolment, with their field values: each screenshot, and with
-    `negative_view` also its colour inversion (what the card looks like in, or out of, the Negative
-    edition). Hue-shifted views, tried for Polychrome, lowered top-1: they are not added."""
-    if not negative_view:
-        return list(images), list(values)
-    return ([view for image in images for view in (image, 255 - image)],
-            [value for value in values for _ in range(2)])
-
-
-def embedding_tasks(state: dict, source: str = "checkpoint") -> list[str]:
-    """The checkpoint's tasks whose head holds prototypes (a cosine head): those that can enrol cards."""
-    tasks = [task for task in state["class_names"] if f"heads.{task}.scale" in state["model"]]
-    if not tasks:
-        raise UserError(f"{source}: none of its tasks has an embedding head, so cards cannot be enrolled "
-                        f"without training; train with tasks.identification.head=cosine")
-    return tasks
-
-
-def enroll(state: dict, embeddings: dict[str, torch.Tensor], values: list[dict]) -> tuple[dict, list[str]]:
-    """A copy of checkpoint `state` with the screenshots' cards enrolled into every embedding-head task;
-    `embeddings` are theirs per task (`Recognizer.embeddings`), `values` their field values (the
-    labels entries). Returns it and a line per card and task saying what was done."""
-    tasks = embedding_tasks(state)
-    weights, class_names = dict(state["model"]), {task: list(names) for task, names in state["class_names"].items()}
-    enrolled = {task: dict(counts) for task, counts in (state.get("enrolled") or {}).items()}
-    cards, done = dict(state.get("cards") or {}), []
-    for task in tasks:
-        field, names, counts = state["fields"][task], class_names[task], enrolled.setdefault(task, {})
-        missing = [n for n, v in enumerate(values) if v.get(field) in (None, "")]
-        if missing:
-            raise UserError(f"no {field}= given for the screenshots: task {task} enrols cards by their {field} "
-                            f"(e.g. {field}=\"Blueprint\", or a '{field}' in each labels entry)")
-        prototypes = weights[f"heads.{task}.weight"]
-        by_value: dict[str, list[int]] = {}
-        for n, v in enumerate(values):
-            by_value.setdefault(str(v[field]), []).append(n)
-        for value, rows in by_value.items():
-            new = embeddings[task][rows]
-            if value in names:
-                index = names.index(value)
-                # An enrolled prototype is the mean of its screenshots' normalised embeddings: extend it. A
-                # trained one (of any length) counts, normalised, as much as the new screenshots together.
-                previous = counts.get(value, len(rows))
-                old = prototypes[index].float() if value in counts else F.normalize(prototypes[index].float(), dim=0)
-                prototype = (old * previous + imprint(new) * len(rows)) / (previous + len(rows))
-                prototypes = prototypes.clone()
-                prototypes[index] = prototype.to(prototypes.dtype)
-                counts[value] = previous + len(rows)
-                done.append(f"{task}: updated {value!r} with {len(rows)} images")
-            else:
-                prototypes = torch.cat([prototypes, imprint(new)[None].to(prototypes.dtype)])
-                names.append(value)
-                counts[value] = len(rows)
-                done.append(f"{task}: enrolled {value!r} as class {len(names) - 1} from {len(rows)} images")
-            cards[value] = {k: v for k, v in values[rows[0]].items()
-                            if k not in PER_SCREENSHOT and isinstance(v, (str, int, float, bool))}
-        weights[f"heads.{task}.weight"] = prototypes
-    # The optimizer's state and the training weights belong to the run, whose heads no longer match.
-    return ({**state, "model": weights, "class_names": class_names, "enrolled": enrolled, "cards": cards,
-             "training_weights": None, "optimizer": None, "scheduler": None, "scaler": None}, done)
 
 
 if __name__ == "__main__":

@@ -30,17 +30,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from balatro_train.checkpoint import load_checkpoint
+from balatro_train.checkpoint import Checkpoint, load_checkpoint
 from balatro_train.data import load_images
 from balatro_train.labels import check_fields, read_labels
 from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
 from balatro_train.metrics import (TILE, build_metrics, confusion_figure, confusion_summary, misclassified_grid,
-                                   scalars_and_matrices)
+                                   scalars_and_matrices, write_confusion_summaries)
 from balatro_train.preprocessing import load_image
 from balatro_train.config import CONFIG_DIR
 from balatro_train.run_folder import holds_a_run
-from balatro_train.run_log import write_confusion_summaries
 
 log = logging.getLogger("balatro_train.evaluate")
 
@@ -68,15 +67,15 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
         raise UserError(f"out_dir={out_dir} holds a training run (metrics.jsonl, checkpoints/); an evaluation "
                         f"never writes into a run's folder: give another out_dir=")
     state = load_checkpoint(path, "checkpoint")
-    tasks = OmegaConf.create(state["config"]["tasks"])
+    tasks = OmegaConf.create(state.task_configs)
     samples = read_labels(labels_file, root)  # originals only: augmented copies would flatter the scores
     if not samples:
         raise UserError(f"dataset.labels_file={labels_file}: the dataset is empty; label some images first")
     check_fields(samples, tasks, [str(labels_file)])
     recognizer = Recognizer(state, device, batch_size)
     targets = {task: class_indices(task, [str(s.meta[tasks[task].field]) for s in samples],
-                                   state["class_names"][task], labels_file, open_set=task in recognizer.scales)
-               for task in state["class_names"]}
+                                   state.class_names[task], labels_file, open_set=task in recognizer.scales)
+               for task in state.tasks}
 
     prep = recognizer.preprocessing
     images, bad = load_images(samples, prep.image_size, prep.background)
@@ -96,7 +95,7 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
     import matplotlib.pyplot as plt  # confusion_figure's figures belong to pyplot: closed here, or they pile up
 
     mistakes, summaries = {}, {}
-    for task, names in state["class_names"].items():
+    for task, names in state.class_names.items():
         target = targets[task][keep]
         known = target >= 0
         if not known.all():
@@ -168,17 +167,15 @@ def default_out_dir(checkpoint: Path) -> Path:
     return Path("outputs/evaluate") / checkpoint.stem
 
 
-def markdown(report: dict, state: dict, mistakes: dict, max_rows: int) -> str:
-    config = state["config"]
+def markdown(report: dict, state: Checkpoint, mistakes: dict, max_rows: int) -> str:
     lines = [f"# Evaluation of `{report['checkpoint']}`", "",
-             f"- model: {config['model']['backbone']}, epoch {state.get('epoch')}, "
-             f"image size {state['preprocessing']['image_size']}",
+             f"- model: {state.backbone}, epoch {state.progress.epoch}, image size {state.preprocessing.image_size}",
              f"- data: `{report['labels_file']}`, {report['num_images']} original images (augmented ignored)"]
     if report["skipped"]:
         lines.append(f"- skipped {len(report['skipped'])} unreadable images: {', '.join(report['skipped'][:10])}")
     for task, scores in report["tasks"].items():
-        names = state["class_names"][task]
-        lines += ["", f"## {task} (field `{state['fields'][task]}`, {len(names)} classes)", "",
+        names = state.class_names[task]
+        lines += ["", f"## {task} (field `{state.fields[task]}`, {len(names)} classes)", "",
                   "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {value:.4f} |" for name, value in scores.items()]
         lines += ["", f"![confusion matrix](confusion_{task}.png)", "",

@@ -42,7 +42,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint, save_bytes
+from balatro_train.atomic import save_bytes
+from balatro_train.checkpoint import Checkpoint, load_checkpoint
 from balatro_train.config import CONFIG_DIR
 from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.inference import log_to_stderr, resolve_checkpoint
@@ -95,12 +96,12 @@ def export(checkpoint, fmt: str, out=None, opset: int = MIN_OPSET, overwrite: bo
         raise UserError(f"opset={opset} is too old: use opset={MIN_OPSET} or newer")
     path = resolve_checkpoint(checkpoint)
     target = check_targets(path, fmt, out, overwrite)  # before loading anything: a refusal costs nothing
-    state = load_checkpoint(path, "checkpoint")
+    checkpoint = load_checkpoint(path, "checkpoint")
     if fmt == "original":
-        return export_original(state, path, target)
-    model, tasks = model_from_checkpoint(state), list(state["class_names"])
-    size = int(state["preprocessing"]["image_size"])
-    meta = metadata(state, path, fmt, tasks)
+        return export_original(checkpoint, path, target)
+    model, tasks = checkpoint.model(), checkpoint.tasks
+    size = checkpoint.preprocessing.image_size
+    meta = metadata(checkpoint, path, fmt)
     example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
     buffer = io.BytesIO()  # serialised in memory, then written whole: never a half-written file at `target`
     with torch.no_grad():
@@ -134,20 +135,20 @@ def check_targets(checkpoint: Path, fmt: str, out, overwrite: bool) -> Path:
     return target
 
 
-def export_original(state: dict, checkpoint: Path, out: Path) -> Path:
+def export_original(state: Checkpoint, checkpoint: Path, out: Path) -> Path:
     """The checkpoint as ai-balatro's `load_model` reads it: `head_states` for the class names (in output
     order), `model` loaded strictly into its MultiHeadModel, whose backbone is
     `nn.Sequential(*list(resnet18().children())[:-1])`: our backbone's children renamed by position."""
-    backbone = state["config"]["model"]["backbone"]
+    backbone = state.backbone
     if backbone != "resnet18":
         raise UserError(f"checkpoint={checkpoint}: format=original needs a resnet18 model, this one is {backbone} "
                         f"(the ai-balatro pipeline only builds resnet18); use format=onnx or format=torchscript")
-    cosine = [task for task in state["class_names"] if f"heads.{task}.scale" in state["model"]]
+    cosine = state.embedding_tasks
     if cosine:
         raise UserError(f"checkpoint={checkpoint}: format=original needs linear heads, but {', '.join(cosine)} has an "
                         f"embedding head (the ai-balatro pipeline only builds nn.Linear heads); use format=onnx or "
                         f"format=torchscript, or train with tasks.<task>.head=linear")
-    prep = metadata(state, checkpoint, "original", list(state["class_names"]))["preprocessing"]
+    prep = metadata(state, checkpoint, "original")["preprocessing"]
     if prep["image_size"] != ORIGINAL_SIZE:
         log.warning("the model was trained at %d px but the ai-balatro pipeline resizes every image to %dx%d: "
                     "expect lower accuracy there (retrain with data.image_size=%d)",
@@ -155,7 +156,7 @@ def export_original(state: dict, checkpoint: Path, out: Path) -> Path:
     if not (np.allclose(prep["mean"], IMAGENET_MEAN) and np.allclose(prep["std"], IMAGENET_STD)):
         log.warning("the model normalises with mean %s, std %s but the ai-balatro pipeline uses ImageNet's %s, %s",
                     prep["mean"], prep["std"], IMAGENET_MEAN, IMAGENET_STD)
-    model = model_from_checkpoint(state)  # also checks that the weights fit a resnet18 CardNet
+    model = state.model()  # also checks that the weights fit a resnet18 CardNet
     children = [name for name, _ in model.backbone.named_children()]
     assert children[-1] == "fc", children  # the classifier, an Identity here, which MultiHeadModel drops
     position = {name: str(i) for i, name in enumerate(children[:-1])}
@@ -167,11 +168,11 @@ def export_original(state: dict, checkpoint: Path, out: Path) -> Path:
         weights[key] = tensor
     buffer = io.BytesIO()
     torch.save({"model": weights,
-                "head_states": {task: {"class_names": list(names)} for task, names in state["class_names"].items()}},
+                "head_states": {task: {"class_names": list(names)} for task, names in state.class_names.items()}},
                buffer)
     save_bytes(buffer.getbuffer(), out)
     log.info("exported %s to %s for the ai-balatro pipeline (%s)", checkpoint, out, ", ".join(
-        f"{task}: {len(names)} classes" for task, names in state["class_names"].items()))
+        f"{task}: {len(names)} classes" for task, names in state.class_names.items()))
     return out
 
 
@@ -194,44 +195,44 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: io.BytesIO, tasks:
     onnx.save(proto, out)
 
 
-def metadata(state: dict, checkpoint: Path, fmt: str, tasks: list[str]) -> dict:
+def metadata(checkpoint: Checkpoint, path: Path, fmt: str) -> dict:
     """What a deployment needs besides the weights: how to prepare an image and how to read the outputs."""
-    prep, model_cfg = state["preprocessing"], state["config"]["model"]
-    size = int(prep["image_size"])
+    prep, model_cfg = checkpoint.preprocessing, checkpoint.model_config
     return {
         "format": fmt,
-        "checkpoint": str(checkpoint),
-        "backbone": model_cfg["backbone"],
-        "input": {"name": "images", "shape": ["batch", size, size, 3], "dtype": "uint8", "layout": "NHWC, RGB"},
-        "outputs": {task: {"shape": ["batch", len(state["class_names"][task])], "values": "logits; softmax them"}
-                    for task in tasks},
-        "class_names": state["class_names"],
-        "fields": state["fields"],
+        "checkpoint": str(path),
+        "backbone": checkpoint.backbone,
+        "input": {"name": "images", "shape": ["batch", prep.image_size, prep.image_size, 3], "dtype": "uint8",
+                  "layout": "NHWC, RGB"},
+        "outputs": {task: {"shape": ["batch", len(names)], "values": "logits; softmax them"}
+                    for task, names in checkpoint.class_names.items()},
+        "class_names": checkpoint.class_names,
+        "fields": checkpoint.fields,
         "preprocessing": {
             "steps": "composite transparency on background, resize to image_size x image_size (bilinear), "
                      "uint8 RGB; the model itself divides by 255, subtracts mean and divides by std",
-            "image_size": size,
-            "background": list(prep["background"]),
+            "image_size": prep.image_size,
+            "background": list(prep.background),
             "mean": list(model_cfg.get("mean", IMAGENET_MEAN)),
             "std": list(model_cfg.get("std", IMAGENET_STD)),
-            "val_transforms": prep["val_transforms"],
+            "val_transforms": prep.val_transforms,
         },
         # Embedding heads: their outputs are scale x cosine to each class prototype (the prototypes,
         # enrolled cards' included, are the head's weights inside the model).
-        "unknown": {task: {"scale": float(state["model"][f"heads.{task}.scale"]),
-                           "threshold": float((state.get("unknown_thresholds") or {}).get(task, -1.0)),
+        "unknown": {task: {"scale": checkpoint.head_scale(task),
+                           "threshold": float(checkpoint.unknown_thresholds.get(task, -1.0)),
                            "rule": "score = max(output) / scale; below threshold the card is unknown"}
-                    for task in tasks if f"heads.{task}.scale" in state["model"]},
+                    for task in checkpoint.embedding_tasks},
     }
 
 
 def benchmark(exported: Path, fmt: str, threads: int = 2, runs: int = 50) -> list[dict]:
     """Latency of the exported model and of PyTorch eager (as Recognizer runs it) on `threads` CPU threads."""
     meta = json.loads(exported.with_suffix(".json").read_text())
-    state = load_checkpoint(meta["checkpoint"], "checkpoint")
+    checkpoint = load_checkpoint(meta["checkpoint"], "checkpoint")
     size = meta["preprocessing"]["image_size"]
     torch.set_num_threads(threads)
-    model = model_from_checkpoint(state)
+    model = checkpoint.model()
     runners = {"pytorch eager (channels_last)": lambda x: model(torch.from_numpy(x))}
     if fmt == "onnx":
         import onnxruntime as ort

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from balatro_train.checkpoint import load_checkpoint, model_from_checkpoint, preprocessing_of
+from balatro_train.checkpoint import Checkpoint, load_checkpoint
 from balatro_train.device import resolve_device
-from balatro_train.embedding import UNKNOWN, embeddings, is_embedding_head
+from balatro_train.embedding import UNKNOWN, embeddings
 from balatro_train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,17 +56,17 @@ class Recognizer:
     `unknown_threshold` replaces the checkpoint's calibrated max-cosine thresholds of its embedding
     heads (-1: never "unknown")."""
 
-    def __init__(self, state: dict, device: str | torch.device = "auto", batch_size: int = 32,
+    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "auto", batch_size: int = 32,
                  unknown_threshold: float | None = None):
         self.device = resolve_device(device, key="device") if isinstance(device, str) else device
-        self.class_names: dict[str, list[str]] = state["class_names"]
-        self.fields: dict[str, str] = state["fields"]
-        self.preprocessing = preprocessing_of(state)
+        self.class_names: dict[str, list[str]] = checkpoint.class_names
+        self.fields: dict[str, str] = checkpoint.fields
+        self.preprocessing = checkpoint.preprocessing
         self.pipeline = self.preprocessing.pipeline()
         self.batch_size = batch_size
-        self.model = model_from_checkpoint(state).to(self.device)
-        self.scales = {task: head.scale.item() for task, head in self.model.heads.items() if is_embedding_head(head)}
-        saved = state.get("unknown_thresholds") or {}
+        self.model = checkpoint.model().to(self.device)
+        self.scales = {task: checkpoint.head_scale(task) for task in checkpoint.embedding_tasks}
+        saved = checkpoint.unknown_thresholds
         self.thresholds = {task: saved.get(task, -1.0) if unknown_threshold is None else unknown_threshold
                            for task in self.scales}
 

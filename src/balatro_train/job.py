@@ -31,15 +31,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from balatro_train.checkpoint import copy_file_atomically, first_difference, load_checkpoint
+from balatro_train.atomic import copy_file_atomically
+from balatro_train.checkpoint import load_checkpoint
 from balatro_train.config import typed_config
+from balatro_train.distributed import is_first_process, leave
 from balatro_train.errors import Interrupted, UserError, user_error_in
+from balatro_train.resume import first_difference
 from balatro_train.run_log import HParams, hparam_value, main_values
 
 log = logging.getLogger("balatro_train")
@@ -56,7 +58,7 @@ def run_hydra_job(cfg: DictConfig, train: Callable[..., float]) -> float:
     try:
         if in_sweep and cfg.resume is None:
             resume_own_start(cfg, out_dir)
-        if cfg.publish_to and not in_sweep and int(os.environ.get("RANK", "0")) == 0:
+        if cfg.publish_to and not in_sweep and is_first_process():
             check_publish_target(Path(cfg.publish_to))  # before training, not after it
         with stop_on_signals() as stop:
             best_loss = train(cfg, out_dir, stop=stop, hparams=hparams(cfg, hydra_cfg, out_dir))
@@ -75,12 +77,11 @@ def run_hydra_job(cfg: DictConfig, train: Callable[..., float]) -> float:
             log.exception("job failed")
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     else:
-        if cfg.publish_to and not in_sweep and int(os.environ.get("RANK", "0")) == 0:
+        if cfg.publish_to and not in_sweep and is_first_process():
             publish(out_dir / "checkpoints" / "best.pt", Path(cfg.publish_to))
         return best_loss
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        leave()
     # A failed sweep job leaves its one-line error for the sweep summary and reports NaN,
     # which sweepers (Optuna included) treat as a failed trial.
     (out_dir / "error.txt").write_text(error + "\n")
@@ -94,7 +95,7 @@ def resume_own_start(cfg: DictConfig, job_dir: Path) -> None:
     own_last = job_dir / "checkpoints" / "last.pt"
     if not own_last.is_file():
         return
-    difference = first_difference(load_checkpoint(own_last, "resume")["config"],
+    difference = first_difference(load_checkpoint(own_last, "resume").config,
                                   OmegaConf.to_container(typed_config(cfg), resolve=True))
     if difference:
         key, old, new = difference

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -105,6 +106,17 @@ def confusion_summary_markdown(rows: list[dict], max_rows: int | None = None) ->
     if len(shown) < len(rows):
         lines.append(f"\n... and {len(rows) - len(shown)} classes more, all with F1 {shown[-1]['f1']:.3f} or better")
     return "\n".join(lines)
+
+
+def write_confusion_summaries(folder: Path, summaries: dict[str, list[dict]], what: str) -> None:
+    """confusion_summary.md (a table per task, worst class first) and confusion_summary.csv."""
+    parts = [f"# Confusion summary ({what})", "",
+             "Per class: its validation images (support), precision, recall, F1 and the classes its images "
+             "were most often taken for, worst F1 first."]
+    for task, rows in summaries.items():
+        parts += ["", f"## {task}", "", confusion_summary_markdown(rows)]
+    (folder / "confusion_summary.md").write_text("\n".join(parts) + "\n")
+    (folder / "confusion_summary.csv").write_text(confusion_summary_csv(summaries))
 
 
 def confusion_summary_csv(summaries: dict[str, list[dict]]) -> str:

@@ -34,11 +34,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from balatro_train.checkpoint import load_checkpoint
-from balatro_train.enroll import enroll, enrolment_views
+from balatro_train.enrolment import enroll, enrolment_views
 from balatro_train.inference import Recognizer
 from balatro_train.labels import read_labels
-from balatro_train.quality import mean_ci
-from balatro_train.sweep import for_each_sweep_dir, job_dirs
+from balatro_train.sweep_folders import for_each_sweep_dir, job_dirs, mean_ci
 
 log = logging.getLogger("balatro_train.openset")
 SHOTS = (1, 3)
@@ -73,7 +72,7 @@ def seed_result(job: Path) -> dict | None:
         log.warning("%s: no task has an embedding head (tasks.<task>.head=cosine): no open-set figures", job)
         return None
     task = "identification" if "identification" in recognizer.scales else next(iter(recognizer.scales))
-    field, seed = state["fields"][task], int(cfg.seed)
+    field, seed = state.fields[task], int(cfg.seed)
     samples = {s.file: s for s in read_labels(cfg.dataset.labels_file, cfg.dataset.root)}
     images = {f: recognizer.preprocessing.load(samples[f].path) for f in split["val"] + split["held_out"]}
     known = [f for f in split["val"]]

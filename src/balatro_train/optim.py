@@ -38,16 +38,12 @@ def step_scheduler(scheduler, val_loss: float) -> None:
             scheduler.step()
 
 
-def weight_average(model: nn.Module, decay: float, resumed: dict | None = None) -> AveragedModel | None:
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
     """The exponential moving average of `model`'s weights and BatchNorm statistics, updated after every
     optimizer step (1 / (1 - decay) steps is its memory), or None when `decay` is 0. It is what a run
-    validates and saves as its model; a resumed run continues the average it saved."""
+    validates and saves as its model; a resumed run continues the average it saved (`Checkpoint.restore`)."""
     if not decay:
         return None
     if not 0 < decay < 1:
         raise UserError(f"trainer.ema_decay={decay}: use 0 (off) or a number between 0 and 1, e.g. 0.99")
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    if resumed is not None and resumed.get("training_weights") is not None:
-        averaged.module.load_state_dict(resumed["model"])
-        averaged.n_averaged.fill_(resumed["averaged_steps"])
-    return averaged
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

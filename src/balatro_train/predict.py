@@ -22,7 +22,6 @@ to `raw`; below it, `labels` starts with "unknown" and its score, then the neare
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -30,17 +29,17 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 
-from balatro_train.checkpoint import save_bytes
+from balatro_train.atomic import save_bytes
 from balatro_train.embedding import UNKNOWN
 from balatro_train.errors import UserError, exit_on_user_error
+from balatro_train.image_files import find_images
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
 from balatro_train.config import CONFIG_DIR
 from balatro_train.outputs import check_outputs
 
 log = logging.getLogger("balatro_train.predict")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
@@ -104,29 +103,6 @@ def inputs(checkpoint: Path, images: list[Path], spec) -> list[tuple[Path, str]]
     """What predict reads, as outputs.check_outputs names them."""
     return [(checkpoint, f"the checkpoint it reads (checkpoint={checkpoint})"),
             *((path, f"the image {path} it reads (images={spec})") for path in images)]
-
-
-def find_images(spec) -> list[Path]:
-    """An image file, a folder (its images, not recursive), a glob (`**` recurses), or a list of these."""
-    if spec is None or spec == "":
-        raise UserError("images= is required: give an image file, a folder of images or a quoted glob "
-                        "such as 'shots/*.png'")
-    if isinstance(spec, (list, ListConfig)):
-        return [path for item in spec for path in find_images(item)]
-    path = Path(str(spec))
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not found:
-            raise UserError(f"images={spec}: the folder holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        return found
-    found = sorted(Path(p) for p in glob.glob(str(spec), recursive=True)
-                   if Path(p).suffix.lower() in IMAGE_SUFFIXES and Path(p).is_file())
-    if not found:
-        raise UserError(f"images={spec}: no image matched; give an existing image file, a folder or a glob "
-                        f"such as 'shots/*.png'")
-    return found
 
 
 def result_keys(paths: list[Path]) -> list[str]:

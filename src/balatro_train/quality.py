@@ -29,7 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from balatro_train.labels import read_labels
-from balatro_train.sweep import for_each_sweep_dir, job_dirs, read_metrics
+from balatro_train.sweep_folders import for_each_sweep_dir, job_dirs, mean_ci, read_metrics
 
 log = logging.getLogger("balatro_train.quality")
 BUCKETS = (("1", 1, 1), ("2-4", 2, 4), ("5+", 5, math.inf))  # training screenshots of the card
@@ -73,15 +73,6 @@ def seed_result(job: Path) -> dict | None:
         result["identification_by_training_count"] = {k: (sum(v) / len(v), len(v)) for k, v in by_bucket.items()}
         result["identification_by_edition"] = {k: (sum(v) / len(v), len(v)) for k, v in by_edition.items()}
     return result
-
-
-def mean_ci(values: list[float]) -> dict:
-    """Mean and the half-width of its 95% confidence interval (Student's t; 0 for a single value)."""
-    from scipy import stats
-
-    mean = statistics.fmean(values)
-    half = 0.0 if len(values) < 2 else stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-    return {"mean": mean, "ci95": half, "values": values}
 
 
 def pooled(results: list[dict], key: str) -> dict:

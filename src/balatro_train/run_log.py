@@ -35,8 +35,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from balatro_train.errors import Interrupted
 from balatro_train.progress import TrainingProgress, progress_bar
-from balatro_train.metrics import (confusion_counts, confusion_figure, confusion_summary, confusion_summary_csv,
-                                   confusion_summary_markdown, misclassified_grid, scalars_and_matrices)
+from balatro_train.metrics import (confusion_counts, confusion_figure, confusion_summary, confusion_summary_markdown,
+                                   misclassified_grid, scalars_and_matrices, write_confusion_summaries)
 
 log = logging.getLogger("balatro_train")
 COMBINE = {"max": max, "mean": lambda values: sum(values) / len(values), "sum": sum}  # trainer.combine_losses
@@ -87,13 +87,12 @@ class RunLog:
     end: success, failure, or unknown for an interrupted run (Ctrl-C, SIGTERM: it may be resumed; the
     plugin has no "aborted")."""
 
-    def __init__(self, out_dir: Path, cfg, hparams: HParams, tasks: list[str], history: list[dict],
-                 enabled: bool = True, world: int = 1):
-        self.out_dir, self.tasks, self.enabled, self.world = out_dir, tasks, enabled, world
+    def __init__(self, out_dir: Path, cfg, hparams: HParams, tasks: list[str], history: list[dict], process):
+        self.out_dir, self.tasks, self.enabled, self.world = out_dir, tasks, process.is_main, process.world
         self.combine = COMBINE[cfg.trainer.combine_losses]
         self.every, self.epochs = cfg.trainer.log_every_n_steps, cfg.trainer.epochs
         self.best, self.writers = float("inf"), {}
-        if not enabled:
+        if not self.enabled:
             return
         root = out_dir / "tb" / hparams.name
         self.writers = {run: SummaryWriter(root / run) for run in (".", "train", "val")}
@@ -127,29 +126,33 @@ class RunLog:
 
     # ---- every epoch ----------------------------------------------------------------------------------
 
-    def epoch(self, row: dict, results: dict, data, predictions: dict, confidences: dict, improved: bool) -> None:
+    def epoch(self, row: dict, validation, data, improved: bool) -> None:
         """Append the epoch to metrics.jsonl; to TensorBoard its scalars, each task's confusion matrix
-        and summary, and a grid of the validation images it got wrong (under DDP, this process's share
-        of them); for a better epoch, confusion_summary.md / .csv in the run folder."""
+        and summary, and a grid of the validation images it got wrong (under DDP, those this process
+        scored: `validation.scored`); for a better epoch, confusion_summary.md / .csv in the run folder,
+        and (one process) val_predictions.json."""
         with (self.out_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(row) + "\n")
         self.scalars(row)
         val, epoch, summaries = self.writers["val"], row["epoch"], {}
-        for task, task_results in results.items():
+        images = data.val.images[validation.scored]
+        for task, task_results in validation.results.items():
             names = data.class_names[task]
-            truth, predicted = data.val.targets[task][::self.world].tolist(), predictions[task].tolist()
+            truth, predicted = data.val.targets[task][validation.scored].tolist(), validation.predictions[task].tolist()
             counts = confusion_counts(truth, predicted, len(names))
             summaries[task] = confusion_summary(counts, names)
             declared = scalars_and_matrices(task_results)[1].get("confusion_matrix")  # gathered from every process
             matrix = declared if declared is not None else counts
             val.add_figure(f"{task}/confusion_matrix", confusion_figure(matrix, names, f"{task}, epoch {epoch}"), epoch)
-            grid = misclassified_grid(data.val.images[::self.world], [names[i] for i in truth],
-                                      [names[i] for i in predicted], 16, confidences[task].tolist())
+            grid = misclassified_grid(images, [names[i] for i in truth], [names[i] for i in predicted], 16,
+                                      validation.confidences[task].tolist())
             val.add_image(f"{task}/misclassified", grid, epoch, dataformats="HWC")
             header = (f"**{task}, epoch {epoch}**: {counts.sum() - np.trace(counts)} of {counts.sum()} validation "
                       f"images wrong; classes by F1, worst first.\n\n")
             val.add_text(f"{task}/confusion_summary",
                          header + confusion_summary_markdown(summaries[task], SUMMARY_ROWS_IN_TENSORBOARD), epoch)
+        if improved and self.world == 1:  # every validation image's answer: one process scored them all
+            write_predictions(self.out_dir / "val_predictions.json", data, validation)
         if improved:
             write_confusion_summaries(self.out_dir, summaries, f"best epoch {epoch}"
                                       + ("" if self.world == 1 else f", this process's 1/{self.world} of validation"))
@@ -218,24 +221,14 @@ def run_summary(history: list[dict], best_row: dict, best: Path | None, out_dir:
     return "\n".join(lines)
 
 
-def write_confusion_summaries(folder: Path, summaries: dict[str, list[dict]], what: str) -> None:
-    """confusion_summary.md (a table per task, worst class first) and confusion_summary.csv."""
-    parts = [f"# Confusion summary ({what})", "",
-             "Per class: its validation images (support), precision, recall, F1 and the classes its images "
-             "were most often taken for, worst F1 first."]
-    for task, rows in summaries.items():
-        parts += ["", f"## {task}", "", confusion_summary_markdown(rows)]
-    (folder / "confusion_summary.md").write_text("\n".join(parts) + "\n")
-    (folder / "confusion_summary.csv").write_text(confusion_summary_csv(summaries))
-
-
-def write_predictions(path: Path, data, predictions: dict[str, torch.Tensor]) -> None:
-    """The best epoch's answer for every validation image, {file: {task: {"true": label, "pred": label}}},
-    so that a report can break accuracy down by class, by edition or by how often a card was seen."""
-    rows = {file: {} for file in data.split["val"]}
-    for task, predicted in predictions.items():
-        names = data.class_names[task]
-        for file, true, pred in zip(data.split["val"], data.val.targets[task].tolist(), predicted.tolist()):
+def write_predictions(path: Path, data, validation) -> None:
+    """The best epoch's answer for every validation image it scored, {file: {task: {"true": label, "pred":
+    label}}}, so that a report can break accuracy down by class, by edition or by how often a card was seen."""
+    files = [data.split["val"][i] for i in validation.scored]
+    rows = {file: {} for file in files}
+    for task, predicted in validation.predictions.items():
+        names, truth = data.class_names[task], data.val.targets[task][validation.scored]
+        for file, true, pred in zip(files, truth.tolist(), predicted.tolist()):
             rows[file][task] = {"true": names[true], "pred": names[pred]}
     path.write_text(json.dumps(rows, indent=0))
 

@@ -27,13 +27,11 @@ for a sweep that did not get to its end (Ctrl-C, or an Optuna search whose every
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import copy
 import csv
 import gc
 import io
-import json
 import logging
 import math
 import re
@@ -45,6 +43,8 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from balatro_train.sweep_folders import for_each_sweep_dir, job_dirs, read_metrics
 
 log = logging.getLogger("balatro_train.sweep")
 
@@ -169,11 +169,6 @@ def write_summary(sweep_dir: str | Path) -> list[JobSummary]:
     return jobs
 
 
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    """Job folders are those Hydra saved a job's overrides in (whatever hydra.sweep.subdir is)."""
-    return [p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")]
-
-
 def summarize_job(job_dir: Path, sweep_dir: Path) -> JobSummary:
     name = job_dir.relative_to(sweep_dir).as_posix()
     overrides = [str(o) for o in (OmegaConf.load(job_dir / ".hydra/overrides.yaml") or [])]
@@ -192,21 +187,6 @@ def summarize_job(job_dir: Path, sweep_dir: Path) -> JobSummary:
         if unfinished:
             summary.status, summary.error = "failed", unfinished
     return summary
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl's rows with a finite val_loss; a line cut short by a killed job is left out."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            loss = row.get("val_loss") if isinstance(row, dict) else None
-            if isinstance(loss, (int, float)) and math.isfinite(loss):
-                rows.append(row)
-    return rows
 
 
 def stopped_early_without_error(job_dir: Path, rows: list[dict]) -> str:
@@ -288,19 +268,6 @@ def blank(value: Any) -> str:
 
 def number(value: float | None) -> str:
     return "" if value is None else f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4g}"
-
-
-def for_each_sweep_dir(prog: str, description: str, write, argv: list[str] | None = None) -> None:
-    """The command line of a report written from sweep folders (this summary, quality.py's report)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("sweep_dirs", nargs="+", type=Path, metavar="SWEEP_DIR",
-                        help="a sweep's folder, e.g. outputs/multirun/<date>/<time>")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for sweep_dir in args.sweep_dirs:
-        if not sweep_dir.is_dir():
-            parser.error(f"{sweep_dir} is not a folder")
-        write(sweep_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
