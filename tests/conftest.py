@@ -47,8 +47,7 @@ def card_image(name: str, modifier: str, rng: np.random.Generator, size=(36, 48)
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
 
 
-def write_dataset(root: Path, per_class: int | dict[str, int] = 4, augmented_per_image: int = 1,
-                  seed: int = 0) -> dict:
+def write_dataset(root: Path, per_class: int | dict[str, int] = 4, augmented_per_image: int = 1, seed: int = 0) -> dict:
     """labels.json with full_path relative to `root` (as the annotation tool writes them),
     plus augmented.json of RGBA rotated copies. Returns the paths as dataset.* overrides.
     `per_class`: originals per name, the same for all or {name: count} (an imbalanced set)."""
@@ -63,18 +62,25 @@ def write_dataset(root: Path, per_class: int | dict[str, int] = 4, augmented_per
             file = f"{name.replace(' ', '_')}_{i}.png"
             image = card_image(name, modifier, rng)
             image.save(root / "dataset_default" / file)
-            originals[file] = {"name": name, "type": "Joker" if "Joker" in name else "Tarot",
-                               "rarity": "Common", "modifier": modifier,
-                               "full_path": f"dataset_default/{file}"}
+            originals[file] = {
+                "name": name,
+                "type": "Joker" if "Joker" in name else "Tarot",
+                "rarity": "Common",
+                "modifier": modifier,
+                "full_path": f"dataset_default/{file}",
+            }
             for k in range(augmented_per_image):
                 aug_file = f"aug_{k}_{file}"
                 image.convert("RGBA").rotate(10 + 5 * k, expand=True).save(root / "augmented" / aug_file)
-                augmented[aug_file] = {**originals[file], "full_path": f"augmented/{aug_file}",
-                                       "parent": file, "augmentation": f"rotate_{10 + 5 * k}"}
+                augmented[aug_file] = {
+                    **originals[file],
+                    "full_path": f"augmented/{aug_file}",
+                    "parent": file,
+                    "augmentation": f"rotate_{10 + 5 * k}",
+                }
     (root / "dataset_default" / "labels.json").write_text(json.dumps(originals, indent=1))
     (root / "augmented" / "augmented.json").write_text(json.dumps(augmented, indent=1))
-    return {"labels_file": root / "dataset_default" / "labels.json",
-            "augmented": root / "augmented" / "augmented.json"}
+    return {"labels_file": root / "dataset_default" / "labels.json", "augmented": root / "augmented" / "augmented.json"}
 
 
 def tiny_overrides(data: dict, root: Path, precision: str | None = "32") -> list[str]:
@@ -82,11 +88,20 @@ def tiny_overrides(data: dict, root: Path, precision: str | None = "32") -> list
     `precision=None` keeps the default, trainer.precision=auto (bf16 autocast on a CPU with
     AVX-512 BF16 or AMX, fp32 elsewhere). No EMA of the weights: a run of a dozen steps is far
     shorter than the default's memory (1 / (1 - 0.99) = 100 steps); tests/test_recipe.py tests it."""
-    return ["dataset=annotated", f"dataset.labels_file={data['labels_file']}",
-            f"dataset.augmented_labels_files=[{data['augmented']}]", f"dataset.root={root}",
-            "data.image_size=32", "model.pretrained=false", "trainer.batch_size=8", "trainer.epochs=3",
-            "trainer.ema_decay=0",
-            *([f"trainer.precision={precision}"] if precision else []), "trainer.num_workers=0", "optimizer.lr=3e-3"]
+    return [
+        "dataset=annotated",
+        f"dataset.labels_file={data['labels_file']}",
+        f"dataset.augmented_labels_files=[{data['augmented']}]",
+        f"dataset.root={root}",
+        "data.image_size=32",
+        "model.pretrained=false",
+        "trainer.batch_size=8",
+        "trainer.epochs=3",
+        "trainer.ema_decay=0",
+        *([f"trainer.precision={precision}"] if precision else []),
+        "trainer.num_workers=0",
+        "optimizer.lr=3e-3",
+    ]
 
 
 def own_core():
@@ -101,11 +116,19 @@ def own_core():
     return lambda: os.sched_setaffinity(0, {core})
 
 
-def run_cli(args: list[str], cwd: Path, module: str = "balatro_train", check: bool = True,
-            timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, module: str = "balatro_train", check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
-    result = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                            text=True, timeout=timeout, preexec_fn=own_core())
+    result = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=own_core(),
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return result
@@ -162,6 +185,7 @@ def dataset(tmp_path):
 
 # ---- the in-process layer: the runner's functions called directly on a composed config ----------
 
+
 def compose(overrides: list[str], hydra_config: bool = False) -> DictConfig:
     """conf/train.yaml composed as `python -m balatro_train <overrides>` would, without Hydra's runtime
     (with `hydra_config`, its `hydra` node too)."""
@@ -209,7 +233,7 @@ def assert_same_metrics(a: list[dict], b: list[dict], abs: float = 1e-6) -> None
     """Same epochs, same keys, every number within `abs` (0: bit-identical); timing keys ignored."""
     a, b = without_timing(a), without_timing(b)
     assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert ra.keys() == rb.keys()
         for key in ra:
             assert ra[key] == pytest.approx(rb[key], abs=abs, rel=0), (ra["epoch"], key)
@@ -229,6 +253,7 @@ def validation_outputs(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[
 
 # ---- command lines in this process, and the cosine-head model shared by test_openset and test_outputs ---
 
+
 def run_main(module, args: list[str], monkeypatch, capsys) -> SimpleNamespace:
     """`hydra_main` with what the command printed: .returncode, .stdout, .stderr as run_cli's result has them
     (capsys: the test's; what was printed before this call is dropped)."""
@@ -241,8 +266,15 @@ def run_main(module, args: list[str], monkeypatch, capsys) -> SimpleNamespace:
 NEW_CARD = "Mercury"  # the card the cosine model never saw
 # Flat-coloured cards of one edition separate in a cosine head within a few dozen steps; label smoothing
 # would stop the true class's cosine early (it caps the logit gap), so it is off for this tiny model.
-COSINE = ["task=identification", "tasks.identification.head=cosine", "tasks.identification.label_smoothing=0",
-          "trainer.epochs=25", "trainer.patience=0", "scheduler=cosine", "publish_to=null"]
+COSINE = [
+    "task=identification",
+    "tasks.identification.head=cosine",
+    "tasks.identification.label_smoothing=0",
+    "trainer.epochs=25",
+    "trainer.patience=0",
+    "scheduler=cosine",
+    "publish_to=null",
+]
 
 
 def write_cards(root: Path, per_card: int = 8) -> Path:
@@ -253,8 +285,13 @@ def write_cards(root: Path, per_card: int = 8) -> Path:
         for i in range(per_card):
             file = f"{name.replace(' ', '_')}_{i}.png"
             card_image(name, "Base", rng).save(root / "cards" / file)
-            labels[file] = {"name": name, "type": "Planet" if name == NEW_CARD else "Joker", "rarity": "Common",
-                            "modifier": "Base", "full_path": f"cards/{file}"}
+            labels[file] = {
+                "name": name,
+                "type": "Planet" if name == NEW_CARD else "Joker",
+                "rarity": "Common",
+                "modifier": "Base",
+                "full_path": f"cards/{file}",
+            }
     (root / "cards" / "labels.json").write_text(json.dumps(labels, indent=1))
     return root / "cards" / "labels.json"
 
@@ -264,16 +301,22 @@ def never_seen_cards() -> dict[str, np.ndarray]:
     colours has a rough embedding, so not every one of them falls below its threshold, but some do."""
     rows, columns = np.indices((48, 36))
     stripes = lambda mask: np.repeat((mask * 255).astype(np.uint8)[..., None], 3, axis=2)  # noqa: E731
-    return {"stripes": stripes(columns % 6 == 0), "bands": stripes(rows % 6 == 0),
-            "checker": stripes((rows + columns) // 4 % 2 == 1), "grey": np.full((48, 36, 3), 128, np.uint8),
-            "white": np.full((48, 36, 3), 255, np.uint8), "black": np.zeros((48, 36, 3), np.uint8),
-            "noise": np.random.default_rng(0).integers(0, 256, (48, 36, 3), dtype=np.uint8)}
+    return {
+        "stripes": stripes(columns % 6 == 0),
+        "bands": stripes(rows % 6 == 0),
+        "checker": stripes((rows + columns) // 4 % 2 == 1),
+        "grey": np.full((48, 36, 3), 128, np.uint8),
+        "white": np.full((48, 36, 3), 255, np.uint8),
+        "black": np.zeros((48, 36, 3), np.uint8),
+        "noise": np.random.default_rng(0).integers(0, 256, (48, 36, 3), dtype=np.uint8),
+    }
 
 
 def cosine_model_folder(tmp_path_factory) -> Path:
     """A cosine-head model (COSINE, 32 px) trained in-process on three of the four tiny cards, not NEW_CARD:
     <folder>/run/checkpoints/best.pt, its screenshots <folder>/labelled/cards/ (every card, labels.json) and
     never_seen_<name>.png images; made once per session (`made_once`). Train under `one_torch_thread`."""
+
     def make(work):
         from balatro_train.train import train
 
@@ -281,8 +324,10 @@ def cosine_model_folder(tmp_path_factory) -> Path:
         labels = json.loads(labels_file.read_text())
         known = labels_file.with_name("known.json")
         known.write_text(json.dumps({f: m for f, m in labels.items() if m["name"] != NEW_CARD}))
-        train(compose([*tiny_overrides({"labels_file": known, "augmented": ""}, work / "labelled"), *COSINE]),
-              work / "run")
+        train(
+            compose([*tiny_overrides({"labels_file": known, "augmented": ""}, work / "labelled"), *COSINE]),
+            work / "run",
+        )
         for name, image in never_seen_cards().items():
             Image.fromarray(image).save(work / f"never_seen_{name}.png")
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_overrides
 
 from balatro_train.bench import main
-from conftest import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

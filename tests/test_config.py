@@ -14,8 +14,20 @@ from omegaconf import OmegaConf
 from balatro_train.config import CONFIG_DIR, check_config, typed_config, upgrade_saved_config
 
 # Editions are colour effects (and cards carry text): these would change an image's true label.
-FORBIDDEN = {"HueSaturationValue", "ColorJitter", "InvertImg", "ChannelShuffle", "ToGray", "RGBShift",
-             "HorizontalFlip", "VerticalFlip", "Solarize", "ToSepia", "FancyPCA", "PlanckianJitter"}
+FORBIDDEN = {
+    "HueSaturationValue",
+    "ColorJitter",
+    "InvertImg",
+    "ChannelShuffle",
+    "ToGray",
+    "RGBShift",
+    "HorizontalFlip",
+    "VerticalFlip",
+    "Solarize",
+    "ToSepia",
+    "FancyPCA",
+    "PlanckianJitter",
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +60,7 @@ def test_default_composition(cfg):
 
 
 # ---- configs saved before the pipelines moved from tasks.<task> to data.* ----------------------------
+
 
 def saved_in_old_keys(cfg) -> dict:
     """`cfg` as runs saved it before data.train_transforms / val_transforms: per task, no data.* keys."""

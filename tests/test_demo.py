@@ -9,17 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import compose, run_cli, run_dirs
 from hydra.utils import instantiate
 from PIL import Image
 
 import balatro_train.demo as demo
 from balatro_train.data import build_data
-from balatro_train.labels import read_labels
 from balatro_train.demo import EDITIONS, catalogue, ensure_rendered, main, summary, write_contact_sheet
-from balatro_train.demo_cards import (BANNER, BANNER_COLOUR, apply_edition, card_sprite, plan_collection,
-                                      shows_name)
+from balatro_train.demo_cards import BANNER, BANNER_COLOUR, apply_edition, card_sprite, plan_collection, shows_name
 from balatro_train.errors import UserError
-from conftest import compose, run_cli, run_dirs
+from balatro_train.labels import read_labels
 
 TINY = dict(num_cards=8, samples_per_card=3, augmented_per_card=2, seed=0)
 TINY_COLLECTION = dict(style="collection", num_cards=12, samples_per_card=4, augmented_per_card=0, seed=0)
@@ -27,8 +26,10 @@ REAL = {"Base": 177, "Foil": 90, "Holographic": 43, "Polychrome": 58, "Negative"
 
 
 def load(out_dir: Path) -> tuple[dict, dict]:
-    return (json.loads((out_dir / "dataset_default/labels.json").read_text()),
-            json.loads((out_dir / "augmented/augmented.json").read_text()))
+    return (
+        json.loads((out_dir / "dataset_default/labels.json").read_text()),
+        json.loads((out_dir / "augmented/augmented.json").read_text()),
+    )
 
 
 def test_catalogue_is_the_games_collection():
@@ -49,10 +50,11 @@ def test_render_writes_the_annotation_tools_format(tmp_path):
         assert meta["full_path"] == f"{out_dir}/dataset_default/{file}"
         assert Image.open(meta["full_path"]).mode == "RGB"
     assert len(augmented) == 2 * 8
-    for file, meta in augmented.items():
+    for meta in augmented.values():
         assert meta["parent"] in labels and meta["augmentation"]
-        assert {k: v for k, v in meta.items() if k not in ("full_path", "parent", "augmentation")} == \
-            {k: v for k, v in labels[meta["parent"]].items() if k != "full_path"}
+        assert {k: v for k, v in meta.items() if k not in ("full_path", "parent", "augmentation")} == {
+            k: v for k, v in labels[meta["parent"]].items() if k != "full_path"
+        }
         assert Image.open(meta["full_path"]).mode == "RGBA"
     assert json.loads((Path(out_dir) / "render.json").read_text()) == {"style": "easy", **TINY}
 
@@ -66,8 +68,9 @@ def test_render_is_deterministic_and_reused(tmp_path, settings):
     strip = lambda d: {f: {k: v for k, v in m.items() if k != "full_path"} for f, m in d.items()}  # noqa: E731
     assert strip(labels_a) == strip(labels_b) and strip(aug_a) == strip(aug_b)
     for file in labels_a:
-        assert np.array_equal(np.asarray(Image.open(a / "dataset_default" / file)),
-                              np.asarray(Image.open(b / "dataset_default" / file)))
+        assert np.array_equal(
+            np.asarray(Image.open(a / "dataset_default" / file)), np.asarray(Image.open(b / "dataset_default" / file))
+        )
     stamp = (a / "dataset_default/labels.json").stat().st_mtime_ns
     ensure_rendered(str(a), **settings)
     assert (a / "dataset_default/labels.json").stat().st_mtime_ns == stamp
@@ -87,8 +90,13 @@ def test_every_render_setting_is_part_of_the_folder_name(dataset):
     render = cfg.dataset.render
     assert cfg.dataset.labels_file == f"{render.out_dir}/dataset_default/labels.json"
     assert list(cfg.dataset.augmented_labels_files) == [f"{render.out_dir}/augmented/augmented.json"]
-    other = {"style": "easy" if render.style == "collection" else "collection", "num_cards": 20,
-             "samples_per_card": 5, "augmented_per_card": 3, "seed": 7}
+    other = {
+        "style": "easy" if render.style == "collection" else "collection",
+        "num_cards": 20,
+        "samples_per_card": 5,
+        "augmented_per_card": 3,
+        "seed": 7,
+    }
     assert set(render) - {"_target_", "out_dir"} == set(other)
     folders = {render.out_dir}
     for key, value in other.items():
@@ -99,10 +107,18 @@ def test_every_render_setting_is_part_of_the_folder_name(dataset):
 def test_the_presets():
     """demo (the default): the real collection's scale, no augmentations; demo_easy: the easy set."""
     easy, real = demo.preset("demo_easy"), demo.preset("demo")
-    assert {k: easy[k] for k in ("style", "num_cards", "samples_per_card", "augmented_per_card")} == \
-        {"style": "easy", "num_cards": 48, "samples_per_card": 40, "augmented_per_card": 10}
-    assert {k: real[k] for k in ("style", "num_cards", "samples_per_card", "augmented_per_card")} == \
-        {"style": "collection", "num_cards": 181, "samples_per_card": 7.7, "augmented_per_card": 0}
+    assert {k: easy[k] for k in ("style", "num_cards", "samples_per_card", "augmented_per_card")} == {
+        "style": "easy",
+        "num_cards": 48,
+        "samples_per_card": 40,
+        "augmented_per_card": 10,
+    }
+    assert {k: real[k] for k in ("style", "num_cards", "samples_per_card", "augmented_per_card")} == {
+        "style": "collection",
+        "num_cards": 181,
+        "samples_per_card": 7.7,
+        "augmented_per_card": 0,
+    }
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -111,8 +127,11 @@ def test_the_collection_style_has_the_real_collections_shape(seed):
     seen once), each edition on about the share of cards it has there; a model that ignores the
     edition scores at most 0.75 on the modifier head."""
     plan = plan_collection(181, 7.7, np.random.default_rng(seed))
-    labels = {f"{i}_{k}": {"name": card[0], "type": card[1], "modifier": edition}
-              for i, (card, editions) in enumerate(plan) for k, edition in enumerate(editions)}
+    labels = {
+        f"{i}_{k}": {"name": card[0], "type": card[1], "modifier": edition}
+        for i, (card, editions) in enumerate(plan)
+        for k, edition in enumerate(editions)
+    }
     stats = summary(labels)
     assert stats["cards_per_type"] == {"Joker": 133, "Tarot": 22, "Planet": 10, "Spectral": 16}
     assert stats["per_card_min"] == 1 and stats["per_card_max"] == 15
@@ -125,15 +144,18 @@ def test_the_collection_style_has_the_real_collections_shape(seed):
 
 def test_the_rendered_collection_follows_its_plan_and_reads_without_augmentations(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = compose(["dataset=demo", *(f"dataset.render.{k}={v}" for k, v in TINY_COLLECTION.items()),
-                   "data.image_size=32"])
+    cfg = compose(
+        ["dataset=demo", *(f"dataset.render.{k}={v}" for k, v in TINY_COLLECTION.items()), "data.image_size=32"]
+    )
     out_dir = Path(instantiate(cfg.dataset.render))
     labels, augmented = load(out_dir)
     assert augmented == {} and read_labels(cfg.dataset.augmented_labels_files[0], ".", augmented=True) == []
     plan = plan_collection(12, 4, np.random.default_rng(0))
-    assert {f: (m["name"], m["modifier"]) for f, m in labels.items()} == \
-        {f"card{i:03d}_s{k:02d}.png": (card[0], edition)
-         for i, (card, editions) in enumerate(plan) for k, edition in enumerate(editions)}
+    assert {f: (m["name"], m["modifier"]) for f, m in labels.items()} == {
+        f"card{i:03d}_s{k:02d}.png": (card[0], edition)
+        for i, (card, editions) in enumerate(plan)
+        for k, edition in enumerate(editions)
+    }
     data = build_data(cfg)
     assert len(data.train) + len(data.val) == len(labels)
 
@@ -145,16 +167,17 @@ def test_jokers_show_no_name_and_consumables_do(tmp_path, monkeypatch):
     named, bare = np.asarray(card_sprite(joker, 0, named=True)), np.asarray(card_sprite(joker, 0, named=False))
     x0, y0, x1, y1 = BANNER
     outside = np.ones(named.shape[:2], bool)
-    outside[y0:y1 + 1, x0:x1 + 1] = False
+    outside[y0 : y1 + 1, x0 : x1 + 1] = False
     assert np.array_equal(named[outside], bare[outside])  # the same art: only the name differs
     is_banner = lambda sprite: (sprite == BANNER_COLOUR).all(-1).sum()  # noqa: E731
     assert is_banner(bare) == 0 and is_banner(named) > 500
-    assert len(np.unique(bare[y0:y1 + 1, x0:x1 + 1].reshape(-1, 3), axis=0)) == 1  # nothing written there
+    assert len(np.unique(bare[y0 : y1 + 1, x0 : x1 + 1].reshape(-1, 3), axis=0)) == 1  # nothing written there
     # The renderer asks for a name on consumables only.
     asked = []
     original = demo.card_sprite
-    monkeypatch.setattr(demo, "card_sprite", lambda card, seed, named: asked.append((card[1], named)) or
-                        original(card, seed, named))
+    monkeypatch.setattr(
+        demo, "card_sprite", lambda card, seed, named: asked.append((card[1], named)) or original(card, seed, named)
+    )
     ensure_rendered(str(tmp_path / "set"), **TINY_COLLECTION)
     assert {t for t, named in asked if named} == {"Tarot", "Planet", "Spectral"}
     assert {t for t, named in asked if not named} == {"Joker"}
@@ -171,8 +194,10 @@ def test_collection_foil_and_holographic_are_faint_and_keep_the_cards_colours():
         same = lambda image: np.corrcoef(image.ravel(), card.ravel())[0, 1]  # noqa: E731
         assert same(subtle) > 0.9 and same(loud) < 0.8, edition  # the card's own colours, not a repaint
     for edition in ("Polychrome", "Negative"):  # the same in both styles
-        assert np.array_equal(apply_edition(card, edition, np.random.default_rng(0), "collection"),
-                              apply_edition(card, edition, np.random.default_rng(0), "easy"))
+        assert np.array_equal(
+            apply_edition(card, edition, np.random.default_rng(0), "collection"),
+            apply_edition(card, edition, np.random.default_rng(0), "easy"),
+        )
 
 
 def _render(out_dir: str) -> str:
@@ -197,8 +222,7 @@ def test_contact_sheet(tmp_path):
 
 def test_the_command_renders_a_preset_with_a_contact_sheet(tmp_path, capsys):
     out_dir = tmp_path / "set"
-    main(["--dataset", "demo", "--num-cards", "12", "--samples-per-card", "4", "--out-dir", str(out_dir),
-          "--preview"])
+    main(["--dataset", "demo", "--num-cards", "12", "--samples-per-card", "4", "--out-dir", str(out_dir), "--preview"])
     assert (out_dir / "contact_sheet.png").is_file()
     assert json.loads((out_dir / "render.json").read_text()) == {**TINY_COLLECTION}
     assert "cards_per_type: {'Joker': 6, 'Tarot': 2, 'Planet': 2, 'Spectral': 2}" in capsys.readouterr().out
@@ -206,8 +230,17 @@ def test_the_command_renders_a_preset_with_a_contact_sheet(tmp_path, capsys):
 
 def test_the_default_dataset_trains_out_of_the_box(tmp_path):
     """`python -m balatro_train` with no dataset options renders the demo and trains on it."""
-    run_cli(["dataset.render.num_cards=12", "dataset.render.samples_per_card=4", "data.image_size=32",
-             "model.pretrained=false", "trainer.epochs=2", "trainer.batch_size=16"], cwd=tmp_path)
+    run_cli(
+        [
+            "dataset.render.num_cards=12",
+            "dataset.render.samples_per_card=4",
+            "data.image_size=32",
+            "model.pretrained=false",
+            "trainer.epochs=2",
+            "trainer.batch_size=16",
+        ],
+        cwd=tmp_path,
+    )
     [run] = run_dirs(tmp_path)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and {"identification/top1_acc", "modifier/top1_acc"} <= set(rows[0])

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torchvision
+from conftest import compose, hydra_main, made_once, run_main, tiny_overrides, write_dataset
 from PIL import Image
 from torch import nn
 from torchvision import transforms
@@ -21,7 +22,6 @@ import balatro_train.predict as predict_main
 from balatro_train.checkpoint import load_checkpoint
 from balatro_train.export import export
 from balatro_train.train import train
-from conftest import compose, hydra_main, made_once, run_main, tiny_overrides, write_dataset
 
 TASKS = ("identification", "modifier")
 
@@ -40,17 +40,22 @@ class OriginalLayout(nn.Module):
 
 
 # ai-balatro's preprocess_image: RGB, Resize((224, 224)) on the PIL image, ToTensor, ImageNet Normalize
-ORIGINAL_TRANSFORM = transforms.Compose([
-    transforms.Resize((224, 224)),
-    transforms.ToTensor(),
-    transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-])
+ORIGINAL_TRANSFORM = transforms.Compose(
+    [
+        transforms.Resize((224, 224)),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ]
+)
 
 
 def command(module, args: list[str]) -> tuple[str, str]:
     """`python -m <module> <args>` run in this process (its Hydra entry point); its stdout and stderr."""
-    with pytest.MonkeyPatch.context() as patch, redirect_stdout(io.StringIO()) as out, \
-            redirect_stderr(io.StringIO()) as err:
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        redirect_stdout(io.StringIO()) as out,
+        redirect_stderr(io.StringIO()) as err,
+    ):
         code = hydra_main(module, args, patch)
     assert code == 0, err.getvalue()
     return out.getvalue(), err.getvalue()
@@ -61,25 +66,43 @@ def trained(tmp_path_factory, one_torch_thread):
     """A 1-epoch model at 224 px, the predict CLI's top-1 on its images, and its format=original export
     (trained in-process, the command lines' entry points run in this process); made once per session and
     shared by the xdist workers."""
+
     def make(work):
         data = write_dataset(work / "labelled")
         # The recipe this test was tuned with (no label smoothing, no weight decay: AdamW is then Adam):
         # two resize implementations agree to 1e-4 in probability on that model.
-        train(compose([*tiny_overrides(data, work / "labelled"), "data.image_size=224", "trainer.epochs=1",
-                       "publish_to=null", "scheduler=cosine", "optimizer.weight_decay=0",
-                       "tasks.identification.label_smoothing=0", "tasks.modifier.label_smoothing=0"]), work / "run")
-        predicted, _ = command(predict_main, [f"checkpoint={work / 'run'}",
-                                              f"images={work / 'labelled' / 'dataset_default'}", "topk=1"])
+        train(
+            compose(
+                [
+                    *tiny_overrides(data, work / "labelled"),
+                    "data.image_size=224",
+                    "trainer.epochs=1",
+                    "publish_to=null",
+                    "scheduler=cosine",
+                    "optimizer.weight_decay=0",
+                    "tasks.identification.label_smoothing=0",
+                    "tasks.modifier.label_smoothing=0",
+                ]
+            ),
+            work / "run",
+        )
+        predicted, _ = command(
+            predict_main, [f"checkpoint={work / 'run'}", f"images={work / 'labelled' / 'dataset_default'}", "topk=1"]
+        )
         (work / "predictions.json").write_text(predicted)
         _, exported = command(export_main, [f"checkpoint={work / 'run'}", "format=original"])
         (work / "export_stderr.txt").write_text(exported)
 
     work = made_once(tmp_path_factory, "original_model", make)
     run = work / "run"
-    return SimpleNamespace(work=work, run=run, checkpoint=run / "checkpoints" / "best.pt",
-                           images=work / "labelled" / "dataset_default",
-                           predictions=json.loads((work / "predictions.json").read_text()),
-                           export_stderr=(work / "export_stderr.txt").read_text())
+    return SimpleNamespace(
+        work=work,
+        run=run,
+        checkpoint=run / "checkpoints" / "best.pt",
+        images=work / "labelled" / "dataset_default",
+        predictions=json.loads((work / "predictions.json").read_text()),
+        export_stderr=(work / "export_stderr.txt").read_text(),
+    )
 
 
 def test_their_loader_reads_it_and_agrees_with_predict_on_every_image(trained):

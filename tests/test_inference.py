@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import compose, hydra_main, made_once, run_main, tiny_overrides, write_dataset
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -23,19 +24,22 @@ from balatro_train.checkpoint import load_checkpoint
 from balatro_train.errors import UserError
 from balatro_train.evaluate import evaluate, misclassified_grid
 from balatro_train.export import export
-from balatro_train.inference import Recognizer
-from balatro_train.preprocessing import load_image
 from balatro_train.image_files import find_images
+from balatro_train.inference import Recognizer
 from balatro_train.predict import predict
+from balatro_train.preprocessing import load_image
 from balatro_train.train import train
-from conftest import compose, hydra_main, made_once, run_main, tiny_overrides, write_dataset
 
 TASKS = ("identification", "modifier")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training and inference: one thread a worker
 
 
-CONFIDENT = ["scheduler=cosine", "optimizer.weight_decay=0", "tasks.identification.label_smoothing=0",
-             "tasks.modifier.label_smoothing=0"]
+CONFIDENT = [
+    "scheduler=cosine",
+    "optimizer.weight_decay=0",
+    "tasks.identification.label_smoothing=0",
+    "tasks.modifier.label_smoothing=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +47,24 @@ def trained(tmp_path_factory):
     """One tiny model (32 px, 2 epochs) and the predict CLI's output on its images, shared by every test
     here. Under pytest-xdist the first worker makes them and the others wait for it and reuse them. Trained
     in-process; the predict command line's entry point runs in this process too, its stdout captured."""
+
     def make(work):
         data = write_dataset(work / "labelled")
         # Sure enough of its answers after two epochs for labels to pass predict's threshold of 0.3:
         # no warmup, no label smoothing, no weight decay (AdamW is then Adam).
-        train(compose([*tiny_overrides(data, work / "labelled"), "trainer.epochs=2", "publish_to=null", *CONFIDENT]),
-              work / "run")
+        train(
+            compose([*tiny_overrides(data, work / "labelled"), "trainer.epochs=2", "publish_to=null", *CONFIDENT]),
+            work / "run",
+        )
         # logging goes to stderr, so stdout is pure JSON; threshold=0.3 only filters "labels"
         with pytest.MonkeyPatch.context() as patch, redirect_stdout(io.StringIO()) as stdout:
             patch.chdir(work)
-            args = [f"checkpoint={work / 'run'}", f"images={work / 'labelled/dataset_default'}", "topk=3", "threshold=0.3"]
+            args = [
+                f"checkpoint={work / 'run'}",
+                f"images={work / 'labelled/dataset_default'}",
+                "topk=3",
+                "threshold=0.3",
+            ]
             code = hydra_main(predict_main, args, patch)
         assert code == 0
         (work / "predictions.json").write_text(stdout.getvalue())
@@ -61,15 +73,21 @@ def trained(tmp_path_factory):
     run = work / "run"
     state = load_checkpoint(run / "checkpoints" / "best.pt")
     root = work / "labelled"
-    return SimpleNamespace(work=work, root=root, labels_file=root / "dataset_default" / "labels.json", run=run,
-                           checkpoint=run / "checkpoints" / "best.pt", class_names=state.class_names,
-                           images=root / "dataset_default",
-                           predictions=json.loads((work / "predictions.json").read_text()))
+    return SimpleNamespace(
+        work=work,
+        root=root,
+        labels_file=root / "dataset_default" / "labels.json",
+        run=run,
+        checkpoint=run / "checkpoints" / "best.pt",
+        class_names=state.class_names,
+        images=root / "dataset_default",
+        predictions=json.loads((work / "predictions.json").read_text()),
+    )
 
 
 def test_predict_cli_prints_the_annotation_tool_shape(trained):
     assert set(trained.predictions) == {p.name for p in trained.images.glob("*.png")}
-    for file, entry in trained.predictions.items():
+    for entry in trained.predictions.values():
         assert set(entry) == {"raw", "labels"} and set(entry["raw"]) == set(entry["labels"]) == set(TASKS)
         for task, names in trained.class_names.items():
             raw = entry["raw"][task]
@@ -77,7 +95,7 @@ def test_predict_cli_prints_the_annotation_tool_shape(trained):
             assert raw["probs"] == sorted(raw["probs"], reverse=True)
             assert sum(raw["probs"]) <= 1 + 1e-5 and all(0 <= p <= 1 for p in raw["probs"])
             # threshold=0.3 drops labels, never raw entries
-            kept = [(names[i], p) for i, p in zip(raw["indices"], raw["probs"]) if p >= 0.3]
+            kept = [(names[i], p) for i, p in zip(raw["indices"], raw["probs"], strict=True) if p >= 0.3]
             assert [(x["label"], x["probability"]) for x in entry["labels"][task]] == kept
         assert entry["raw"]["identification"]["probs"][0] > 0.3  # 4 classes: the best has at least 1/4
         assert entry["labels"]["identification"][0]["label"] in trained.class_names["identification"]
@@ -85,8 +103,17 @@ def test_predict_cli_prints_the_annotation_tool_shape(trained):
 
 def test_predict_writes_out_file_and_keeps_low_labels_without_threshold(trained, tmp_path):
     out = tmp_path / "sub" / "predictions.json"
-    cfg = OmegaConf.create({"checkpoint": str(trained.checkpoint), "images": str(trained.images / "*_1.png"),
-                            "topk": 10, "threshold": None, "out": str(out), "device": "cpu", "batch_size": 3})
+    cfg = OmegaConf.create(
+        {
+            "checkpoint": str(trained.checkpoint),
+            "images": str(trained.images / "*_1.png"),
+            "topk": 10,
+            "threshold": None,
+            "out": str(out),
+            "device": "cpu",
+            "batch_size": 3,
+        }
+    )
     predict(cfg)
     written = json.loads(out.read_text())
     assert sorted(written) == sorted(p.name for p in trained.images.glob("*_1.png"))
@@ -126,8 +153,12 @@ def test_transparent_numpy_images_are_flattened_like_training_files(trained, tmp
 def test_evaluate_writes_report_metrics_and_figures(trained, tmp_path, monkeypatch, capsys):
     out = trained.work / "evaluation"
     monkeypatch.chdir(tmp_path)
-    args = [f"checkpoint={trained.checkpoint}", f"dataset.labels_file={trained.labels_file}", f"dataset.root={trained.root}",
-            f"out_dir={out}"]
+    args = [
+        f"checkpoint={trained.checkpoint}",
+        f"dataset.labels_file={trained.labels_file}",
+        f"dataset.root={trained.root}",
+        f"out_dir={out}",
+    ]
     evaluated = run_main(evaluate_main, args, monkeypatch, capsys)
     assert evaluated.returncode == 0, evaluated.stderr
     metrics = json.loads((out / "metrics.json").read_text())
@@ -191,7 +222,7 @@ def test_onnx_export_matches_pytorch_for_a_dynamic_batch(trained, tmp_path, monk
         images = uint8_images(batch)
         outputs = session.run(None, {"images": images.numpy()})
         expected = reference_logits(trained, images)
-        for task, got in zip(trained.class_names, outputs):
+        for task, got in zip(trained.class_names, outputs, strict=True):
             assert got.shape == (batch, len(trained.class_names[task]))
             assert np.abs(got - expected[task].numpy()).max() < 1e-4
 
@@ -220,18 +251,30 @@ def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys
     assert f"checkpoint={tmp_path / 'nope.pt'}: no such checkpoint file" in line and "Traceback" not in line
     assert result.stdout == "" and not (tmp_path / "outputs").exists()  # no run folder either
     # evaluate and export report it the same way (their mains catch UserError as predict's does)
-    for run in (lambda: evaluate(tmp_path / "nope.pt", tmp_path / "labels.json"),
-                lambda: export(tmp_path / "nope.pt", "onnx")):
+    for run in (
+        lambda: evaluate(tmp_path / "nope.pt", tmp_path / "labels.json"),
+        lambda: export(tmp_path / "nope.pt", "onnx"),
+    ):
         with pytest.raises(UserError, match="no such checkpoint file"):
             run()
 
 
-def test_enrolling_into_a_checkpoint_without_an_embedding_head_is_one_line_naming_it(trained, tmp_path, monkeypatch,
-                                                                                   capsys):
+def test_enrolling_into_a_checkpoint_without_an_embedding_head_is_one_line_naming_it(
+    trained, tmp_path, monkeypatch, capsys
+):
     """A linear head has no prototypes to add a card to: the CLI says so before reading any screenshot."""
     monkeypatch.chdir(tmp_path)
-    result = run_main(enroll_main, [f"checkpoint={trained.checkpoint}", f"images={tmp_path / 'not_read.png'}",
-                                    "name=Mercury", f"out={tmp_path / 'never.pt'}"], monkeypatch, capsys)
+    result = run_main(
+        enroll_main,
+        [
+            f"checkpoint={trained.checkpoint}",
+            f"images={tmp_path / 'not_read.png'}",
+            "name=Mercury",
+            f"out={tmp_path / 'never.pt'}",
+        ],
+        monkeypatch,
+        capsys,
+    )
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert f"checkpoint={trained.checkpoint}: none of its tasks has an embedding head" in line

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import compose, tiny_overrides, write_dataset
 from PIL import Image
 
 from balatro_train.data import build_data
 from balatro_train.errors import UserError
 from balatro_train.labels import read_labels
 from balatro_train.preprocessing import ImageTooLarge, Preprocessing, load_image
-from conftest import compose, tiny_overrides, write_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,6 +40,7 @@ def edit_both(data: dict, edit) -> None:
 
 # ---- item 7: full_path and the image beside the labels ---------------------------------------------
 
+
 def test_a_different_image_beside_the_labels_than_full_path_names_is_refused(tmp_path):
     """A second capture session whose tool reused the file names: with dataset.root at the first
     session, every full_path names the first session's image, and training silently took those."""
@@ -53,8 +54,10 @@ def test_a_different_image_beside_the_labels_than_full_path_names_is_refused(tmp
     assert "\n" not in message and "'Joker_001_0.png'" in message
     assert str(stale) in message and str(beside) in message and "dataset.root" in message
 
-    assert all(s.path.parent == second["labels_file"].parent for s in read_labels(second["labels_file"],
-                                                                                  root=tmp_path / "second"))
+    assert all(
+        s.path.parent == second["labels_file"].parent
+        for s in read_labels(second["labels_file"], root=tmp_path / "second")
+    )
     for image in (tmp_path / "first" / "dataset_default").glob("*.png"):  # byte-identical copies: no conflict
         shutil.copyfile(image, tmp_path / "second" / "dataset_default" / image.name)
     assert read_labels(second["labels_file"], root=tmp_path / "first")
@@ -63,14 +66,17 @@ def test_a_different_image_beside_the_labels_than_full_path_names_is_refused(tmp
 
 # ---- item 8: labels that are no class name ----------------------------------------------------------
 
-@pytest.mark.parametrize("value, problem", [(None, "null"), ("", "empty"), ("  ", "empty"), (["Base"], "a list"),
-                                            ({"kind": "Foil"}, "a JSON object")],
-                         ids=["null", "empty", "spaces", "list", "object"])
-def test_a_label_that_is_no_class_name_is_refused_naming_entry_file_task_and_field(dataset, tiny_cfg, value,
-                                                                                   problem):
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [(None, "null"), ("", "empty"), ("  ", "empty"), (["Base"], "a list"), ({"kind": "Foil"}, "a JSON object")],
+    ids=["null", "empty", "spaces", "list", "object"],
+)
+def test_a_label_that_is_no_class_name_is_refused_naming_entry_file_task_and_field(dataset, tiny_cfg, value, problem):
     data, root = dataset
-    edit_labels(data["labels_file"], lambda file, meta: meta.update(modifier=value) if file == "Mercury_2.png"
-                else None)
+    edit_labels(
+        data["labels_file"], lambda file, meta: meta.update(modifier=value) if file == "Mercury_2.png" else None
+    )
     with pytest.raises(UserError) as error:
         build_data(tiny_cfg())
     message = str(error.value)
@@ -92,6 +98,7 @@ def test_class_names_alike_but_for_case_or_spaces_are_warned_about_once_per_task
 
 # ---- item 9: 16-bit grey and EXIF orientation --------------------------------------------------------
 
+
 def test_a_16_bit_greyscale_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
     gradient = np.tile(np.linspace(0, 65535, 32).round().astype(np.uint16), (32, 1))
     Image.fromarray(gradient).save(tmp_path / "grey16.png")
@@ -103,12 +110,15 @@ def test_a_16_bit_greyscale_png_is_scaled_to_8_bits_not_clipped_to_white(tmp_pat
     assert np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 1], pixels[..., 2])
 
 
-@pytest.mark.parametrize("orientation, upright", [(6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90)],
-                         ids=["orientation 6", "orientation 8"])
+@pytest.mark.parametrize(
+    "orientation, upright",
+    [(6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90)],
+    ids=["orientation 6", "orientation 8"],
+)
 def test_a_jpeg_is_turned_upright_by_its_exif_orientation(tmp_path, orientation, upright):
     """A phone stores its photo's pixels as the sensor saw them and says in EXIF how to turn them."""
     stored = np.zeros((40, 60, 3), np.uint8)
-    stored[:20, :30] = (230, 30, 30)   # top left red, bottom right blue: every rotation looks different
+    stored[:20, :30] = (230, 30, 30)  # top left red, bottom right blue: every rotation looks different
     stored[20:, 30:] = (30, 30, 230)
     exif = Image.Exif()
     exif[0x0112] = orientation  # Orientation
@@ -126,14 +136,17 @@ def test_a_jpeg_is_turned_upright_by_its_exif_orientation(tmp_path, orientation,
 
 # ---- item 11: decompression bombs -------------------------------------------------------------------
 
+
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels: Pillow refuses it at open, from the header."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def test_a_decompression_bomb_is_an_unreadable_image_naming_its_pixels_and_the_limit(tmp_path):
@@ -160,6 +173,7 @@ def test_a_decompression_bomb_in_the_dataset_stops_the_run_or_is_skipped(dataset
 
 # ---- item 12: numbers in the field the split stratifies by -----------------------------------------
 
+
 def test_numbers_among_the_names_the_split_stratifies_by_are_class_names(dataset, tiny_cfg):
     data, root = dataset
     numbered = {"Joker_001": 1, "Joker_002": 2.5}  # beside the string names of the other cards
@@ -174,6 +188,7 @@ def test_numbers_among_the_names_the_split_stratifies_by_are_class_names(dataset
 
 # ---- item 13: a task with one class -----------------------------------------------------------------
 
+
 def test_a_task_whose_labels_hold_one_class_is_refused_with_the_way_on(dataset, tiny_cfg):
     data, root = dataset
     edit_both(data, lambda file, meta: meta.update(modifier="Base"))
@@ -183,10 +198,12 @@ def test_a_task_whose_labels_hold_one_class_is_refused_with_the_way_on(dataset, 
     assert "\n" not in message and message.startswith("task modifier:")
     assert "modifier='Base'" in message and "task=identification" in message
     assert build_data(tiny_cfg("task=identification")).class_names == {
-        "identification": ["Joker_001", "Joker_002", "Mercury", "The Fool"]}
+        "identification": ["Joker_001", "Joker_002", "Mercury", "The Fool"]
+    }
 
 
 # ---- item 14 and 18a: how the labels file is written ------------------------------------------------
+
 
 def test_a_labels_file_that_is_not_utf8_names_the_byte_and_a_bom_is_fine(dataset):
     data, root = dataset
@@ -219,6 +236,7 @@ def test_a_key_repeated_inside_one_entry_is_called_that_not_an_image_listed_twic
 
 
 # ---- data.background ---------------------------------------------------------------------------------
+
 
 def test_transparent_pixels_come_out_in_the_configured_background_colour(tmp_path):
     root = tmp_path / "labelled"

@@ -43,6 +43,6 @@ def test_mobilenet_trains_predicts_evaluates_and_exports_from_its_yaml_alone(dat
     outputs = session.run(None, {"images": images})  # the same uint8 images, nothing else to do
     with torch.inference_mode():
         expected = recognizer.model(torch.from_numpy(images))
-    for task, got in zip(recognizer.class_names, outputs):
+    for task, got in zip(recognizer.class_names, outputs, strict=True):
         assert np.abs(got - expected[task].numpy()).max() < 1e-4
         assert np.allclose(torch.from_numpy(got).softmax(dim=1).numpy(), probs[task].numpy(), atol=1e-5)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import COSINE, NEW_CARD, compose, cosine_model_folder, run_cli, run_main, tiny_overrides
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -29,7 +30,6 @@ from balatro_train.model import build_model, head_factories
 from balatro_train.openset import seed_result
 from balatro_train.preprocessing import Preprocessing
 from balatro_train.train import train
-from conftest import COSINE, NEW_CARD, compose, cosine_model_folder, run_cli, run_main, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -42,10 +42,16 @@ def cosine_model(tmp_path_factory):
     root, run = work / "labelled", work / "run"
     labels = json.loads((root / "cards" / "labels.json").read_text())
     new_card = sorted(root / "cards" / f for f, m in labels.items() if m["name"] == NEW_CARD)
-    return SimpleNamespace(work=work, root=root, run=run, checkpoint=run / "checkpoints" / "best.pt",
-                           labels_file=root / "cards" / "labels.json", new_card=new_card,
-                           known=sorted((root / "cards").glob("Joker_00*.png")),
-                           never_seen=sorted(work.glob("never_seen_*.png")))
+    return SimpleNamespace(
+        work=work,
+        root=root,
+        run=run,
+        checkpoint=run / "checkpoints" / "best.pt",
+        labels_file=root / "cards" / "labels.json",
+        new_card=new_card,
+        known=sorted((root / "cards").glob("Joker_00*.png")),
+        never_seen=sorted(work.glob("never_seen_*.png")),
+    )
 
 
 @pytest.fixture
@@ -92,12 +98,15 @@ def test_cards_never_seen_come_back_unknown_below_the_threshold_and_known_ones_a
     assert len(unknown - never_seen) <= len(cosine_model.known) // 2  # ...and accepts most known ones
     rejected = sorted(unknown & never_seen)[0]
     # the override: -1 accepts everything
-    accepted = predict_cli(tool, f"checkpoint={cosine_model.run}", f"images={cosine_model.work / rejected}",
-                           "unknown_threshold=-1")[rejected]
+    accepted = predict_cli(
+        tool, f"checkpoint={cosine_model.run}", f"images={cosine_model.work / rejected}", "unknown_threshold=-1"
+    )[rejected]
     assert accepted["labels"]["identification"][0]["label"] != "unknown"
     recognizer = Recognizer.from_checkpoint(cosine_model.checkpoint, "cpu")
     assert recognizer.predict(Image.open(cosine_model.work / rejected))["identification"][0] == (
-        "unknown", pytest.approx(result[rejected]["raw"]["identification"]["score"], abs=1e-5))
+        "unknown",
+        pytest.approx(result[rejected]["raw"]["identification"]["score"], abs=1e-5),
+    )
 
 
 def test_enrolled_card_is_then_what_predict_returns_for_its_other_screenshots(cosine_model, tmp_path, tool):
@@ -106,8 +115,17 @@ def test_enrolled_card_is_then_what_predict_returns_for_its_other_screenshots(co
     before = hashlib.sha256(cosine_model.checkpoint.read_bytes()).hexdigest()
     out = tmp_path / "enrolled.pt"
     shots = cosine_model.new_card[:3]
-    run_cli([f"checkpoint={cosine_model.checkpoint}", f"images=[{','.join(map(str, shots))}]", f"name={NEW_CARD}",
-             "type=Planet", f"out={out}"], cwd=cosine_model.work, module="balatro_train.enroll")
+    run_cli(
+        [
+            f"checkpoint={cosine_model.checkpoint}",
+            f"images=[{','.join(map(str, shots))}]",
+            f"name={NEW_CARD}",
+            "type=Planet",
+            f"out={out}",
+        ],
+        cwd=cosine_model.work,
+        module="balatro_train.enroll",
+    )
     assert hashlib.sha256(cosine_model.checkpoint.read_bytes()).hexdigest() == before  # the input is untouched
     state = load_checkpoint(out, "checkpoint")
     assert state.class_names["identification"][-1] == NEW_CARD
@@ -123,20 +141,38 @@ def test_enrolled_card_is_then_what_predict_returns_for_its_other_screenshots(co
     # the batch form: a labels.json of new cards' screenshots, as the annotation tool writes it
     labels = json.loads(cosine_model.labels_file.read_text())
     batch = tmp_path / "new_cards.json"
-    batch.write_text(json.dumps({f: m for f, m in labels.items() if m["name"] == NEW_CARD and f.endswith(("_0.png", "_1.png"))}))
-    batched = tool(enroll_main, f"checkpoint={cosine_model.checkpoint}", f"labels={batch}", f"root={cosine_model.root}",
-                   f"out={out}", "overwrite=true")
+    batch.write_text(
+        json.dumps({f: m for f, m in labels.items() if m["name"] == NEW_CARD and f.endswith(("_0.png", "_1.png"))})
+    )
+    batched = tool(
+        enroll_main,
+        f"checkpoint={cosine_model.checkpoint}",
+        f"labels={batch}",
+        f"root={cosine_model.root}",
+        f"out={out}",
+        "overwrite=true",
+    )
     assert batched.returncode == 0, batched.stderr
     from_labels = load_checkpoint(out, "checkpoint")
     assert from_labels.enrolled == {"identification": {NEW_CARD: 4}}
     assert from_labels.cards[NEW_CARD]["type"] == "Planet" and from_labels.cards[NEW_CARD]["rarity"] == "Common"
 
-    same = tool(enroll_main, f"checkpoint={cosine_model.checkpoint}", f"images={shots[0]}", f"name={NEW_CARD}",
-                f"out={cosine_model.checkpoint}")
+    same = tool(
+        enroll_main,
+        f"checkpoint={cosine_model.checkpoint}",
+        f"images={shots[0]}",
+        f"name={NEW_CARD}",
+        f"out={cosine_model.checkpoint}",
+    )
     assert same.returncode == 2 and "outputs never replace inputs" in same.stderr and "Traceback" not in same.stderr
     (tmp_path / "broken.png").write_bytes(b"")
-    broken = tool(enroll_main, f"checkpoint={cosine_model.checkpoint}", f"images={tmp_path / 'broken.png'}",
-                  f"name={NEW_CARD}", f"out={tmp_path / 'never.pt'}")
+    broken = tool(
+        enroll_main,
+        f"checkpoint={cosine_model.checkpoint}",
+        f"images={tmp_path / 'broken.png'}",
+        f"name={NEW_CARD}",
+        f"out={tmp_path / 'never.pt'}",
+    )
     assert broken.returncode == 2 and "broken.png: not a readable image" in broken.stderr
     assert "Traceback" not in broken.stderr and not (tmp_path / "never.pt").exists()
 
@@ -144,8 +180,12 @@ def test_enrolled_card_is_then_what_predict_returns_for_its_other_screenshots(co
 def test_enrolment_imprints_the_mean_and_updates_with_a_running_mean():
     cfg = compose(["tasks.identification.head=cosine", "model.pretrained=false", "model.backbone=mobilenet_v3_small"])
     model = build_model(cfg.model, {"identification": ["a", "b"], "modifier": ["Base"]}, heads=head_factories(cfg))
-    state = Checkpoint(OmegaConf.to_container(cfg, resolve=True), {"identification": ["a", "b"], "modifier": ["Base"]},
-                       model.state_dict(), Preprocessing(32, (0, 0, 0), {}))
+    state = Checkpoint(
+        OmegaConf.to_container(cfg, resolve=True),
+        {"identification": ["a", "b"], "modifier": ["Base"]},
+        model.state_dict(),
+        Preprocessing(32, (0, 0, 0), {}),
+    )
     embeddings = F.normalize(torch.randn(3, model.heads["identification"].weight.shape[1]), dim=1)
     first, done = enroll(state, {"identification": embeddings[:2]}, [{"name": "c"}] * 2)
     assert first.class_names["identification"] == ["a", "b", "c"] and first.class_names["modifier"] == ["Base"]
@@ -163,8 +203,16 @@ def test_enrolment_imprints_the_mean_and_updates_with_a_running_mean():
     linear_cfg = compose(["model.pretrained=false", "model.backbone=mobilenet_v3_small"])
     linear = build_model(linear_cfg.model, {"identification": ["a"], "modifier": ["Base"]})
     with pytest.raises(UserError, match="none of its tasks has an embedding head"):
-        enroll(Checkpoint(OmegaConf.to_container(linear_cfg, resolve=True), {"identification": ["a"], "modifier": ["Base"]},
-                          linear.state_dict(), Preprocessing(32, (0, 0, 0), {})), {}, [{"name": "c"}])
+        enroll(
+            Checkpoint(
+                OmegaConf.to_container(linear_cfg, resolve=True),
+                {"identification": ["a"], "modifier": ["Base"]},
+                linear.state_dict(),
+                Preprocessing(32, (0, 0, 0), {}),
+            ),
+            {},
+            [{"name": "c"}],
+        )
 
 
 def test_enrolment_of_real_screenshots_imprints_the_mean_of_their_unit_length_embeddings(cosine_model):
@@ -196,8 +244,11 @@ def test_an_enrolled_checkpoint_exports_its_prototypes_and_threshold_to_onnx(cos
     out = export(tmp_path / "enrolled.pt", "onnx", tmp_path / "enrolled.onnx")
     props = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
     assert props["class_names"]["identification"][-1] == NEW_CARD
-    assert props["unknown"]["identification"] == {"scale": 16.0, "threshold": pytest.approx(
-        state.unknown_thresholds["identification"]), "rule": props["unknown"]["identification"]["rule"]}
+    assert props["unknown"]["identification"] == {
+        "scale": 16.0,
+        "threshold": pytest.approx(state.unknown_thresholds["identification"]),
+        "rule": props["unknown"]["identification"]["rule"],
+    }
     images = np.stack([recognizer.preprocessing.load(p) for p in cosine_model.new_card[2:5]])
     outputs = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": images})
     expected = Recognizer(enrolled, "cpu").logits(list(images))
@@ -209,15 +260,21 @@ def test_an_enrolled_checkpoint_exports_its_prototypes_and_threshold_to_onnx(cos
 
 
 def test_evaluate_reports_open_set_metrics_on_cards_the_checkpoint_does_not_know(cosine_model, tmp_path, tool):
-    evaluated = tool(evaluate_main, f"checkpoint={cosine_model.checkpoint}",
-                     f"dataset.labels_file={cosine_model.labels_file}", f"dataset.root={cosine_model.root}",
-                     f"out_dir={tmp_path}")
+    evaluated = tool(
+        evaluate_main,
+        f"checkpoint={cosine_model.checkpoint}",
+        f"dataset.labels_file={cosine_model.labels_file}",
+        f"dataset.root={cosine_model.root}",
+        f"out_dir={tmp_path}",
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads((tmp_path / "metrics.json").read_text())
     open_set = report["open_set"]["identification"]
     assert (open_set["known_images"], open_set["unknown_images"]) == (24, 8)
     recognizer = Recognizer.from_checkpoint(cosine_model.checkpoint, "cpu")
-    scores = recognizer.max_cosines(recognizer.logits([recognizer.preprocessing.load(p) for p in cosine_model.new_card]))
+    scores = recognizer.max_cosines(
+        recognizer.logits([recognizer.preprocessing.load(p) for p in cosine_model.new_card])
+    )
     rejected = (scores["identification"] < recognizer.thresholds["identification"]).float().mean().item()
     assert open_set["unknown_rejected"] == pytest.approx(rejected)
     assert 0.0 <= open_set["auroc"] <= 1.0
@@ -232,13 +289,23 @@ def test_an_enrolled_checkpoint_starts_a_new_run_but_does_not_resume_its_old_one
     with pytest.raises(UserError, match="start a new run from it with init_from="):
         load_checkpoint(tmp_path / "enrolled.pt", "resume")
     data = {"labels_file": cosine_model.labels_file, "augmented": ""}  # every card, the enrolled one included
-    cfg = compose([*tiny_overrides(data, cosine_model.root), *COSINE, "trainer.epochs=1",
-                   f"init_from={tmp_path / 'enrolled.pt'}"])
+    cfg = compose(
+        [*tiny_overrides(data, cosine_model.root), *COSINE, "trainer.epochs=1", f"init_from={tmp_path / 'enrolled.pt'}"]
+    )
     train(cfg, tmp_path / "run")
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt").class_names["identification"][-1] == NEW_CARD
     with pytest.raises(UserError, match="task heads"):  # a linear run cannot start from a cosine checkpoint
-        train(compose([*tiny_overrides(data, cosine_model.root), *[o for o in COSINE if "head=" not in o], "trainer.epochs=1",
-                       f"init_from={cosine_model.checkpoint}"]), tmp_path / "linear")
+        train(
+            compose(
+                [
+                    *tiny_overrides(data, cosine_model.root),
+                    *[o for o in COSINE if "head=" not in o],
+                    "trainer.epochs=1",
+                    f"init_from={cosine_model.checkpoint}",
+                ]
+            ),
+            tmp_path / "linear",
+        )
 
 
 def test_enrolment_adds_each_screenshots_colour_inversion_unless_told_not_to():
@@ -274,8 +341,15 @@ def test_held_out_cards_are_left_out_of_training_and_validation(dataset):
 
 def test_the_open_set_benchmark_measures_a_seed_from_its_run_folder(dataset, tmp_path):
     data, root = dataset
-    cfg = compose([*tiny_overrides(data, root), "tasks.identification.head=cosine", "data.held_out_cards=1",
-                   "trainer.epochs=2", "publish_to=null"])
+    cfg = compose(
+        [
+            *tiny_overrides(data, root),
+            "tasks.identification.head=cosine",
+            "data.held_out_cards=1",
+            "trainer.epochs=2",
+            "publish_to=null",
+        ]
+    )
     job = tmp_path / "0"
     train(cfg, job)
     (job / ".hydra").mkdir()
@@ -283,7 +357,14 @@ def test_the_open_set_benchmark_measures_a_seed_from_its_run_folder(dataset, tmp
     assert set(load_checkpoint(job / "checkpoints" / "best.pt").unknown_thresholds) == {"identification"}
     result = seed_result(job)  # a linear head (modifier) says no "unknown"; the cosine one does
     assert result["held_out_cards"] == 1 and result["task"] == "identification"
-    for key in ("auroc", "known_accepted", "unseen_rejected", "known_top1", "enrolled_top1_1shot", "enrolled_top1_3shot"):
+    for key in (
+        "auroc",
+        "known_accepted",
+        "unseen_rejected",
+        "known_top1",
+        "enrolled_top1_1shot",
+        "enrolled_top1_3shot",
+    ):
         assert 0.0 <= result[key] <= 1.0, key
     assert result["enrol_seconds_per_card"] > 0
 

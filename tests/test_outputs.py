@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import hydra
 import onnx
 import pytest
+from conftest import cosine_model_folder, run_cli, run_main
 
 import balatro_train.export as export_main
 from balatro_train.checkpoint import load_checkpoint
@@ -22,7 +23,6 @@ from balatro_train.enroll import enroll_checkpoint
 from balatro_train.errors import UserError
 from balatro_train.export import export
 from balatro_train.predict import predict
-from conftest import cosine_model_folder, run_cli, run_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,8 +33,12 @@ def model(tmp_path_factory):
     card's): test_openset's, made once per session and shared (conftest.cosine_model_folder)."""
     work = cosine_model_folder(tmp_path_factory)
     images = work / "labelled" / "cards"
-    return SimpleNamespace(checkpoint=work / "run" / "checkpoints" / "best.pt", images=images,
-                           labels_file=images / "labels.json", root=work / "labelled")
+    return SimpleNamespace(
+        checkpoint=work / "run" / "checkpoints" / "best.pt",
+        images=images,
+        labels_file=images / "labels.json",
+        root=work / "labelled",
+    )
 
 
 @pytest.fixture
@@ -67,13 +71,23 @@ def unchanged(path: Path):
 
 # ---- predict --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("overwrite", ["false", "true"])
 def test_predict_never_writes_over_the_checkpoint_it_reads(checkpoint, model, overwrite):
     kept = unchanged(checkpoint)
-    cfg = config("predict", checkpoint=checkpoint, images=model.images / "Mercury_0.png", out=checkpoint,
-                 overwrite=overwrite, device="cpu")
-    with pytest.raises(UserError, match=r"out=.*best\.pt is the checkpoint it reads .*outputs never replace inputs, "
-                                        r"not even with overwrite=true; give another out="):
+    cfg = config(
+        "predict",
+        checkpoint=checkpoint,
+        images=model.images / "Mercury_0.png",
+        out=checkpoint,
+        overwrite=overwrite,
+        device="cpu",
+    )
+    with pytest.raises(
+        UserError,
+        match=r"out=.*best\.pt is the checkpoint it reads .*outputs never replace inputs, "
+        r"not even with overwrite=true; give another out=",
+    ):
         predict(cfg)
     assert kept()
     load_checkpoint(checkpoint, "checkpoint")  # still a checkpoint, not 371 bytes of JSON
@@ -106,13 +120,22 @@ def test_predict_replaces_the_file_whole_rather_than_rewriting_it(checkpoint, mo
     out, reader = tmp_path / "predictions.json", tmp_path / "reader.json"
     out.write_text("{}\n")
     os.link(out, reader)
-    predict(config("predict", checkpoint=checkpoint, images=model.images / "Mercury_0.png", out=out,
-                   overwrite="true", device="cpu"))
+    predict(
+        config(
+            "predict",
+            checkpoint=checkpoint,
+            images=model.images / "Mercury_0.png",
+            out=out,
+            overwrite="true",
+            device="cpu",
+        )
+    )
     assert reader.read_text() == "{}\n" and "Mercury_0.png" in json.loads(out.read_text())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.json", "reader.json", "run"]  # no temp file
 
 
 # ---- export ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "original"])
 def test_export_never_writes_over_the_checkpoint(checkpoint, fmt):
@@ -126,8 +149,11 @@ def test_export_never_writes_its_sidecar_over_the_checkpoint(checkpoint):
     """`<out without suffix>.json` is written too: out=model.onnx beside a checkpoint named model.json."""
     named_json = checkpoint.rename(checkpoint.with_name("model.json"))
     kept = unchanged(named_json)
-    with pytest.raises(UserError, match=r"out=.*model\.onnx would write its sidecar .*model\.json, which is the "
-                                        r"checkpoint it reads"):
+    with pytest.raises(
+        UserError,
+        match=r"out=.*model\.onnx would write its sidecar .*model\.json, which is the "
+        r"checkpoint it reads",
+    ):
         export(named_json, "onnx", named_json.with_name("model.onnx"), overwrite=True)
     assert kept() and not named_json.with_name("model.onnx").exists()
 
@@ -136,8 +162,11 @@ def test_export_replaces_an_existing_sidecar_only_with_overwrite(checkpoint, scr
     """The user's case: out=data/dataset_default/labels.onnx rewrote labels.json."""
     out, labels = screenshots / "labels.onnx", screenshots / "labels.json"
     kept = unchanged(labels)
-    with pytest.raises(UserError, match=r"out=.*labels\.onnx would write its sidecar .*labels\.json, which already "
-                                        r"exists; give another out=, or add overwrite=true"):
+    with pytest.raises(
+        UserError,
+        match=r"out=.*labels\.onnx would write its sidecar .*labels\.json, which already "
+        r"exists; give another out=, or add overwrite=true",
+    ):
         export(checkpoint, "onnx", out)
     assert kept() and not out.exists()  # refused before anything was written
     export(checkpoint, "onnx", out, overwrite=True)
@@ -148,8 +177,11 @@ def test_a_second_export_to_the_default_out_needs_overwrite(checkpoint):
     first = export(checkpoint, "torchscript")
     assert first == checkpoint.with_name("best.torchscript.pt")
     kept = unchanged(first)
-    with pytest.raises(UserError, match=r"out=.*best\.torchscript\.pt \(the default, beside the checkpoint\) "
-                                        r"already exists; give another out=, or add overwrite=true"):
+    with pytest.raises(
+        UserError,
+        match=r"out=.*best\.torchscript\.pt \(the default, beside the checkpoint\) "
+        r"already exists; give another out=, or add overwrite=true",
+    ):
         export(checkpoint, "torchscript")
     assert kept()
     assert export(checkpoint, "torchscript", overwrite=True) == first
@@ -167,7 +199,7 @@ def test_format_original_replaces_an_existing_file_only_with_overwrite(checkpoin
 
 def test_export_replaces_the_model_and_its_sidecar_whole(checkpoint, tmp_path):
     out, readers = tmp_path / "cards.onnx", [tmp_path / "old.onnx", tmp_path / "old.json"]
-    for written, reader in zip([out, out.with_suffix(".json")], readers):
+    for written, reader in zip([out, out.with_suffix(".json")], readers, strict=True):
         written.write_text("an earlier export\n")
         os.link(written, reader)
     export(checkpoint, "onnx", out, overwrite=True)
@@ -176,8 +208,9 @@ def test_export_replaces_the_model_and_its_sidecar_whole(checkpoint, tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["format"] == "onnx"
 
 
-def test_the_readme_export_benchmark_command_runs_and_a_second_one_is_refused_in_one_line(checkpoint, tmp_path,
-                                                                                          monkeypatch, capsys):
+def test_the_readme_export_benchmark_command_runs_and_a_second_one_is_refused_in_one_line(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
     """`python -m balatro_train.export checkpoint=<run> format=onnx benchmark=true`, as the README writes it:
     Hydra used to read benchmark=true as conf/benchmark/, a training config group, and stop. The command line
     itself the first time; the second, refused, runs its entry point in this process."""
@@ -194,6 +227,7 @@ def test_the_readme_export_benchmark_command_runs_and_a_second_one_is_refused_in
 
 
 # ---- enroll ---------------------------------------------------------------------------------------------
+
 
 def enrolment(checkpoint: Path, screenshots: Path, image: str = "Mercury_0.png", **keys) -> object:
     return config("enroll", checkpoint=checkpoint, images=screenshots / image, name="Mercury", device="cpu", **keys)
@@ -212,8 +246,17 @@ def test_enroll_never_writes_over_a_screenshot_or_the_labels_file(checkpoint, sc
     with pytest.raises(UserError, match=r"is the screenshot .*Mercury_0\.png it reads \(images="):
         enroll_checkpoint(enrolment(checkpoint, screenshots, out=image, overwrite="true"))
     with pytest.raises(UserError, match=r"is the labels file it reads \(labels="):
-        enroll_checkpoint(config("enroll", checkpoint=checkpoint, labels=labels, root=screenshots.parent,
-                                 out=labels, overwrite="true", device="cpu"))
+        enroll_checkpoint(
+            config(
+                "enroll",
+                checkpoint=checkpoint,
+                labels=labels,
+                root=screenshots.parent,
+                out=labels,
+                overwrite="true",
+                device="cpu",
+            )
+        )
     assert all(check() for check in kept)
 
 
@@ -221,8 +264,11 @@ def test_a_second_enrolment_to_the_default_out_needs_overwrite(checkpoint, scree
     first = enroll_checkpoint(enrolment(checkpoint, screenshots))
     assert first == checkpoint.with_name("best_enrolled.pt")
     kept = unchanged(first)
-    with pytest.raises(UserError, match=r"out=.*best_enrolled\.pt \(the default, beside the checkpoint\) already "
-                                        r"exists; give another out=, or add overwrite=true"):
+    with pytest.raises(
+        UserError,
+        match=r"out=.*best_enrolled\.pt \(the default, beside the checkpoint\) already "
+        r"exists; give another out=, or add overwrite=true",
+    ):
         enroll_checkpoint(enrolment(checkpoint, screenshots, "Mercury_1.png"))
     assert kept()
     enroll_checkpoint(enrolment(checkpoint, screenshots, "Mercury_1.png", overwrite="true"))

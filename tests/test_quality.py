@@ -6,29 +6,40 @@ import json
 import statistics
 
 import pytest
+from conftest import run_cli, tiny_overrides
 
 from balatro_train.quality import write_report
-from conftest import run_cli, tiny_overrides
 
 
 def test_the_quality_benchmark_reports_every_seed_and_their_mean(dataset, tmp_path):
     data, root = dataset
-    run_cli(["-m", "benchmark=quality", "seed=range(2)", *tiny_overrides(data, root),
-             "trainer.epochs=1", "hydra.sweep.dir=outputs/quality"], cwd=tmp_path)
+    run_cli(
+        [
+            "-m",
+            "benchmark=quality",
+            "seed=range(2)",
+            *tiny_overrides(data, root),
+            "trainer.epochs=1",
+            "hydra.sweep.dir=outputs/quality",
+        ],
+        cwd=tmp_path,
+    )
     sweep = tmp_path / "outputs" / "quality"
     report = json.loads((sweep / "quality.json").read_text())
     assert report["seeds"] == [0, 1] and report["wall_seconds"] > 0
     labels = json.loads(data["labels_file"].read_text())
 
-    for job, seed_result in zip(("0", "1"), report["per_seed"]):
+    for job, seed_result in zip(("0", "1"), report["per_seed"], strict=True):
         predictions = json.loads((sweep / job / "val_predictions.json").read_text())
         split = json.loads((sweep / job / "split.json").read_text())
         assert list(predictions) == split["val"]  # the best epoch's answer for every validation image
         for task in ("identification", "modifier"):
             right = [p[task]["true"] == p[task]["pred"] for p in predictions.values()]
             assert seed_result["top1"][task] == pytest.approx(sum(right) / len(right))
-            assert all(p[task]["true"] == labels[f]["name" if task == "identification" else "modifier"]
-                       for f, p in predictions.items())
+            assert all(
+                p[task]["true"] == labels[f]["name" if task == "identification" else "modifier"]
+                for f, p in predictions.items()
+            )
         # every card has 3 training originals here (4 originals, one validates): the 2-4 bucket
         assert set(seed_result["identification_by_training_count"]) == {"2-4"}
         assert set(seed_result["identification_by_edition"]) == {labels[f]["modifier"] for f in predictions}

@@ -13,21 +13,21 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import compose, read_metrics, validation_outputs
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from test_robustness import StopAfterSteps
 from torch import nn
 
 from balatro_train.checkpoint import Checkpoint, load_checkpoint
 from balatro_train.data import CardDataset, build_data
+from balatro_train.distributed import Process
 from balatro_train.embedding import IGNORE, MarginCrossEntropyLoss
 from balatro_train.errors import Interrupted, UserError, user_error_in
 from balatro_train.model import build_model
 from balatro_train.preprocessing import Preprocessing
-from balatro_train.distributed import Process
 from balatro_train.run_setup import build_run
 from balatro_train.train import train, train_one_epoch
-from conftest import compose, read_metrics, validation_outputs
-from test_robustness import StopAfterSteps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training beside another xdist worker
 
@@ -37,8 +37,15 @@ CLASSES = {"identification": ["a", "b", "c"], "modifier": ["Base", "Foil"]}
 
 
 def test_warmup_rises_linearly_then_cosine_decays_to_eta_min():
-    cfg = compose(["scheduler=warmup_cosine", "trainer.epochs=10", "scheduler.warmup_epochs=2",
-                   "scheduler.eta_min=0", "optimizer.lr=1.0"])
+    cfg = compose(
+        [
+            "scheduler=warmup_cosine",
+            "trainer.epochs=10",
+            "scheduler.warmup_epochs=2",
+            "scheduler.eta_min=0",
+            "optimizer.lr=1.0",
+        ]
+    )
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.optimizer.lr)
     scheduler = instantiate(cfg.scheduler)(optimizer)
     lrs = []
@@ -53,8 +60,12 @@ def test_warmup_rises_linearly_then_cosine_decays_to_eta_min():
 
 
 def test_the_validation_loss_is_label_smoothed_as_configured(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("trainer.epochs=1", "publish_to=null", "tasks.identification.label_smoothing=0.3",
-                   "tasks.modifier.label_smoothing=0")
+    cfg = tiny_cfg(
+        "trainer.epochs=1",
+        "publish_to=null",
+        "tasks.identification.label_smoothing=0.3",
+        "tasks.modifier.label_smoothing=0",
+    )
     train(cfg, tmp_path / "run")
     [row] = read_metrics(tmp_path / "run")
     logits, targets = validation_outputs(tmp_path / "run/checkpoints/last.pt")
@@ -63,11 +74,11 @@ def test_the_validation_loss_is_label_smoothed_as_configured(tiny_cfg, tmp_path)
     assert abs(smoothed - plain) > 1e-3
     assert row["identification/val_loss"] == pytest.approx(smoothed.item(), rel=1e-4)
     assert row["modifier/val_loss"] == pytest.approx(  # the other task keeps its own (none here)
-        nn.functional.cross_entropy(logits["modifier"], targets["modifier"]).item(), rel=1e-4)
+        nn.functional.cross_entropy(logits["modifier"], targets["modifier"]).item(), rel=1e-4
+    )
 
 
-def test_with_an_ema_the_average_is_validated_and_saved_and_training_goes_on_from_the_raw_weights(
-        tiny_cfg, tmp_path):
+def test_with_an_ema_the_average_is_validated_and_saved_and_training_goes_on_from_the_raw_weights(tiny_cfg, tmp_path):
     cfg = tiny_cfg("trainer.epochs=2", "publish_to=null", "trainer.ema_decay=0.9")
     train(cfg, tmp_path / "run")
     last = tmp_path / "run/checkpoints/last.pt"
@@ -79,13 +90,18 @@ def test_with_an_ema_the_average_is_validated_and_saved_and_training_goes_on_fro
     logits, targets = validation_outputs(last)
     row = read_metrics(tmp_path / "run")[-1]
     smoothing = cfg.tasks.identification.label_smoothing
-    assert row["identification/val_loss"] == pytest.approx(nn.functional.cross_entropy(
-        logits["identification"], targets["identification"], label_smoothing=smoothing).item(), rel=1e-4)
+    assert row["identification/val_loss"] == pytest.approx(
+        nn.functional.cross_entropy(
+            logits["identification"], targets["identification"], label_smoothing=smoothing
+        ).item(),
+        rel=1e-4,
+    )
     raw_model = build_model(state.config["model"], state.class_names, raw).eval()
     with torch.no_grad():
         raw_logits = raw_model(torch.stack(val_images(last)))
-    raw_loss = nn.functional.cross_entropy(raw_logits["identification"], targets["identification"],
-                                           label_smoothing=smoothing).item()
+    raw_loss = nn.functional.cross_entropy(
+        raw_logits["identification"], targets["identification"], label_smoothing=smoothing
+    ).item()
     assert raw_loss != pytest.approx(row["identification/val_loss"], rel=1e-2)  # the two are told apart
 
 
@@ -129,15 +145,20 @@ def test_model_weights_loads_a_local_state_dict_which_a_checkpoint_then_no_longe
     assert all(torch.equal(model.backbone.state_dict()[k], saved[k]) for k in model.backbone.state_dict())
     # A model rebuilt from its checkpoint takes the checkpoint's weights and never reads the file.
     path.unlink()
-    rebuilt = Checkpoint({"model": dict(cfg.model)}, CLASSES, model.state_dict(), Preprocessing(32, (0, 0, 0), {})).model()
+    rebuilt = Checkpoint(
+        {"model": dict(cfg.model)}, CLASSES, model.state_dict(), Preprocessing(32, (0, 0, 0), {})
+    ).model()
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no such file"),
-    ({"conv.weight": torch.zeros(1)}, "not a state dict of torchvision's mobilenet_v3_small"),
-    (pickle.dumps(object()), "not a state dict"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such file"),
+        ({"conv.weight": torch.zeros(1)}, "not a state dict of torchvision's mobilenet_v3_small"),
+        (pickle.dumps(object()), "not a state dict"),
+    ],
+)
 def test_a_wrong_weights_file_is_named_in_one_line(tmp_path, content, message):
     path = tmp_path / "weights.pth"
     if isinstance(content, bytes):
@@ -151,6 +172,7 @@ def test_a_wrong_weights_file_is_named_in_one_line(tmp_path, content, message):
 
 
 # ---- recolouring: identity learns that a Polychrome or Negative card is the same card --------------
+
 
 def test_a_recoloured_training_image_keeps_its_identity_label_and_the_modifier_skips_it(tiny_cfg):
     data = build_data(tiny_cfg("data.recolour=1.0"))
@@ -186,9 +208,14 @@ def test_the_transforms_of_a_pipeline_draw_independently_for_an_image():
     assert 0.35 < sum(inverted) / len(inverted) < 0.65
 
 
-@pytest.mark.parametrize("override, key", [("data.recolour=1.5", "data.recolour=1.5"),
-                                           ("data.recolour=1.0", "data.recolour=1.0 leaves task modifier"),
-                                           ("data.recolour_transforms=sparkle", "data.recolour_transforms=sparkle")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.recolour=1.5", "data.recolour=1.5"),
+        ("data.recolour=1.0", "data.recolour=1.0 leaves task modifier"),
+        ("data.recolour_transforms=sparkle", "data.recolour_transforms=sparkle"),
+    ],
+)
 def test_an_impossible_recolouring_is_named(tiny_cfg, tmp_path, override, key):
     with pytest.raises(UserError, match=key):
         train(tiny_cfg("data.recolour=0.3", override), tmp_path / "run")
@@ -220,7 +247,8 @@ def test_a_tasks_training_loss_is_its_mean_over_the_images_it_learned_from(tiny_
     # the modifier skipped some images, so counting them would have given another figure
     assert counts["modifier"]["learned"] < counts["modifier"]["batch"]
     assert sums["modifier"]["batch"] / counts["modifier"]["batch"] != pytest.approx(
-        sums["modifier"]["learned"] / counts["modifier"]["learned"], rel=1e-3)
+        sums["modifier"]["learned"] / counts["modifier"]["learned"], rel=1e-3
+    )
 
 
 @pytest.mark.parametrize("margin", [0.0, 1.6])
@@ -231,8 +259,9 @@ def test_the_loss_is_torchs_weighted_smoothed_mean_over_the_images_a_task_learns
     shifted = logits.clone()
     shifted[torch.arange(3, 8), target[3:]] -= margin
     expected = nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1)(shifted, target)
-    assert MarginCrossEntropyLoss(margin, weight=weight, label_smoothing=0.1)(logits, target) == \
-        pytest.approx(expected.item(), rel=1e-5)
+    assert MarginCrossEntropyLoss(margin, weight=weight, label_smoothing=0.1)(logits, target) == pytest.approx(
+        expected.item(), rel=1e-5
+    )
     # A batch the task learns nothing from: 0 and no gradient (torch's mean would be NaN)
     logits.requires_grad_(True)
     loss = MarginCrossEntropyLoss(margin, weight=weight, label_smoothing=0.1)(logits, torch.full((8,), IGNORE))

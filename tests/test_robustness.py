@@ -22,24 +22,33 @@ from types import SimpleNamespace
 import hydra
 import pytest
 import torch
+from conftest import (
+    compose,
+    hydra_main,
+    made_once,
+    own_core,
+    read_metrics,
+    run_cli,
+    tiny_overrides,
+    without_timing,
+    write_dataset,
+)
 from hydra.errors import MissingConfigException
-
 from omegaconf import OmegaConf
 
 from balatro_train import predict
 from balatro_train import train as train_module
 from balatro_train.checkpoint import FORMAT, load_checkpoint
 from balatro_train.data import build_data, split_samples
-from balatro_train.labels import read_labels
 from balatro_train.errors import Interrupted, UserError, user_error_in
 from balatro_train.job import threads_for_this_process
+from balatro_train.labels import read_labels
 from balatro_train.train import train
-from conftest import (compose, hydra_main, made_once, own_core, read_metrics, run_cli, tiny_overrides, without_timing,
-                      write_dataset)
 
 
 def metrics(run_dir: Path) -> list[dict]:
     return without_timing(read_metrics(run_dir))
+
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training beside another xdist worker
 
@@ -87,9 +96,15 @@ def torch_threads(n: int):
 
 
 def start_training(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "balatro_train", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                            preexec_fn=own_core())
+    return subprocess.Popen(
+        [sys.executable, "-m", "balatro_train", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=own_core(),
+    )
 
 
 def wait_for(path_glob, cwd: Path, process: subprocess.Popen, timeout: float = 120) -> Path:
@@ -141,12 +156,15 @@ def uninterrupted(tmp_path_factory):
 
 
 # 12 steps an epoch: the loop asks 13 times per epoch.
-@pytest.mark.parametrize("k, stopped_at", [
-    (3, "epoch 1 after 8 images"),       # mid-epoch
-    (11, "epoch 1 after 24 images"),     # after the epoch's last step, before validation
-    (13, "epoch 2 after 2 images"),      # during validation or the checkpoint write of epoch 1
-    (16, "epoch 2 after 8 images"),      # mid-epoch, with a finished epoch behind it
-])
+@pytest.mark.parametrize(
+    "k, stopped_at",
+    [
+        (3, "epoch 1 after 8 images"),  # mid-epoch
+        (11, "epoch 1 after 24 images"),  # after the epoch's last step, before validation
+        (13, "epoch 2 after 2 images"),  # during validation or the checkpoint write of epoch 1
+        (16, "epoch 2 after 8 images"),  # mid-epoch, with a finished epoch behind it
+    ],
+)
 def test_an_interrupt_at_any_point_resumes_bit_exactly(uninterrupted, tmp_path, k, stopped_at):
     cfg, expected = uninterrupted
     with pytest.raises(Interrupted, match=stopped_at) as interrupted:
@@ -184,7 +202,7 @@ def test_ctrl_c_saves_last_and_the_printed_command_resumes(slow_run, tmp_path):
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
     assert "Traceback" not in output
-    [line] = [l for l in output.splitlines() if "to resume:" in l]
+    [line] = [text for text in output.splitlines() if "to resume:" in text]
     command = shlex.split(line.split("to resume: ", 1)[1])
     assert command[:3] == ["python", "-m", "balatro_train"] and command[-1].startswith("resume=")
     interrupted = tmp_path / "outputs" / "run with space"
@@ -194,7 +212,7 @@ def test_ctrl_c_saves_last_and_the_printed_command_resumes(slow_run, tmp_path):
     resumed = tmp_path / "outputs" / "resumed"
     rows, expected = metrics(resumed), metrics(uninterrupted)
     assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
-    for row, want in zip(rows, expected):
+    for row, want in zip(rows, expected, strict=True):
         for key in (k for k in want if k.endswith("loss") or k.startswith("lr")):
             assert row[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (row["epoch"], key)
     final = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["model"]
@@ -235,10 +253,13 @@ def test_malicious_checkpoint_is_refused_without_running_its_code(dataset, tmp_p
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", "damaged or not a checkpoint"),
-    (None, "not a balatro-train checkpoint"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "damaged or not a checkpoint"),
+        (None, "not a balatro-train checkpoint"),
+    ],
+)
 def test_truncated_or_foreign_checkpoint_fails_with_one_line(dataset, tmp_path, content, message):
     data, root = dataset
     path = tmp_path / "other.pt"
@@ -253,16 +274,20 @@ def test_truncated_or_foreign_checkpoint_fails_with_one_line(dataset, tmp_path, 
 def stage1(tmp_path_factory):
     """A first stage on the tiny set, freeze=all, one epoch, trained once for the session: its
     overrides (without freeze=) and its last.pt."""
+
     def make(work):
         data = write_dataset(work / "labelled")
         (work / "overrides.json").write_text(json.dumps(tiny_overrides(data, work / "labelled")))
         with torch_threads(1):
-            train(compose([*json.loads((work / "overrides.json").read_text()), "freeze=all", "trainer.epochs=1"]),
-                  work / "run")
+            train(
+                compose([*json.loads((work / "overrides.json").read_text()), "freeze=all", "trainer.epochs=1"]),
+                work / "run",
+            )
 
     work = made_once(tmp_path_factory, "robustness_stage1", make)
-    return SimpleNamespace(overrides=json.loads((work / "overrides.json").read_text()),
-                           last=work / "run" / "checkpoints" / "last.pt")
+    return SimpleNamespace(
+        overrides=json.loads((work / "overrides.json").read_text()), last=work / "run" / "checkpoints" / "last.pt"
+    )
 
 
 def test_init_from_a_checkpoint_with_other_classes_names_them(stage1, tmp_path):
@@ -272,14 +297,17 @@ def test_init_from_a_checkpoint_with_other_classes_names_them(stage1, tmp_path):
         meta["name"] = meta["name"].replace("Mercury", "Venus")
     second["labels_file"].write_text(json.dumps(labels))
     second["augmented"].write_text("{}")
-    message = refusal(compose([*tiny_overrides(second, tmp_path / "second"), f"init_from={stage1.last}"]),
-                      tmp_path / "run")
+    message = refusal(
+        compose([*tiny_overrides(second, tmp_path / "second"), f"init_from={stage1.last}"]), tmp_path / "run"
+    )
     assert "classes the checkpoint does not know: Venus" in message
 
 
 def test_init_from_starts_a_second_stage_with_another_strategy(stage1, tmp_path):
-    train(compose([*stage1.overrides, "freeze=none", "optimizer=group", "trainer.epochs=1",
-                   f"init_from={stage1.last}"]), tmp_path / "stage2")
+    train(
+        compose([*stage1.overrides, "freeze=none", "optimizer=group", "trainer.epochs=1", f"init_from={stage1.last}"]),
+        tmp_path / "stage2",
+    )
     before = torch.load(stage1.last, weights_only=True)
     after = torch.load(tmp_path / "stage2" / "checkpoints/last.pt", weights_only=True)
     assert before["config"]["freeze"]["trainable"] == []  # stage 1 trained the heads only
@@ -309,8 +337,11 @@ def break_labels(data: dict, how: str) -> str:
         next(iter(augmented.values()))["parent"] = "nowhere.png"
         data["augmented"].write_text(json.dumps(augmented))
     labels_file.write_text(json.dumps(labels))
-    return {"no field": f"entry {first!r}", "empty": "the dataset is empty",
-            "unknown parent": "names parent 'nowhere.png'"}[how]
+    return {
+        "no field": f"entry {first!r}",
+        "empty": "the dataset is empty",
+        "unknown parent": "names parent 'nowhere.png'",
+    }[how]
 
 
 @pytest.mark.parametrize("how", ["missing", "not json", "not an object", "no field", "empty", "unknown parent"])
@@ -380,21 +411,26 @@ def test_a_bad_image_on_the_command_line_is_one_line_and_exit_2(dataset, tmp_pat
 UNKNOWN_GROUP_OPTIONS = {"optimizer=sgdx", "scheduler=wobbly", "task=colour"}  # Hydra's composition refuses them
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optimizer=sgdx", "Available options in 'optimizer'"),
-    ("scheduler=wobbly", "Available options in 'scheduler'"),
-    ("task=colour", "Available options in 'task'"),
-    ("model.backbone=resnet7", "model.backbone=resnet7 is not a torchvision classification model"),
-    ("+tasks.modifier.metrics.auc._target_=torchmetrics.Nope",
-     "tasks.modifier.metrics.auc._target_=torchmetrics.Nope is not one balatro-train builds"),
-    ("data.image_size=16", "too small for the backbone"),
-    ("trainer.batch_size=0", "trainer.batch_size=0 must be at least 1"),
-    ("trainer.batch_size=1", "trainer.batch_size=1: BatchNorm needs at least 2 images per batch"),
-    ("trainer.epochs=0", "trainer.epochs=0 must be at least 1"),
-    ("optimizer.lr=-1", "optimizer.lr=-1 must be greater than 0"),
-    ("data.val_split=1.5", "data.val_split=1.5 must lie strictly between 0 and 1"),
-    ("data.train_transforms=sparkle", "data.train_transforms=sparkle is not a pipeline"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimizer=sgdx", "Available options in 'optimizer'"),
+        ("scheduler=wobbly", "Available options in 'scheduler'"),
+        ("task=colour", "Available options in 'task'"),
+        ("model.backbone=resnet7", "model.backbone=resnet7 is not a torchvision classification model"),
+        (
+            "+tasks.modifier.metrics.auc._target_=torchmetrics.Nope",
+            "tasks.modifier.metrics.auc._target_=torchmetrics.Nope is not one balatro-train builds",
+        ),
+        ("data.image_size=16", "too small for the backbone"),
+        ("trainer.batch_size=0", "trainer.batch_size=0 must be at least 1"),
+        ("trainer.batch_size=1", "trainer.batch_size=1: BatchNorm needs at least 2 images per batch"),
+        ("trainer.epochs=0", "trainer.epochs=0 must be at least 1"),
+        ("optimizer.lr=-1", "optimizer.lr=-1 must be greater than 0"),
+        ("data.val_split=1.5", "data.val_split=1.5 must lie strictly between 0 and 1"),
+        ("data.train_transforms=sparkle", "data.train_transforms=sparkle is not a pipeline"),
+    ],
+)
 def test_unknown_names_and_impossible_values(dataset, tmp_path, override, message):
     """In-process: the same composition as the command line's (Hydra prints its composition errors
     without a traceback: tests/test_train.py runs one), then train()'s one-line refusal."""
@@ -410,42 +446,63 @@ def test_unknown_names_and_impossible_values(dataset, tmp_path, override, messag
 
 def test_an_impossible_value_on_the_command_line_is_one_line_and_exit_2(dataset, tmp_path, monkeypatch, capsys):
     data, root = dataset
-    output = refused_on_the_command_line([*tiny_overrides(data, root), "trainer.batch_size=1"], tmp_path, monkeypatch,
-                                         capsys)
+    output = refused_on_the_command_line(
+        [*tiny_overrides(data, root), "trainer.batch_size=1"], tmp_path, monkeypatch, capsys
+    )
     assert "trainer.batch_size=1: BatchNorm needs at least 2 images per batch" in output
 
 
 # ---- found when tried as a new user -----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory):
     """A finished tiny run of 2 epochs with a checkpoint after each, trained once for the session: its
     overrides, its folder, its labelled images."""
+
     def make(work):
         data = write_dataset(work / "labelled")
         # StepLR, whose length is not trainer.epochs: a resume may then stop it earlier (trainer.epochs=1)
-        overrides = [*tiny_overrides(data, work / "labelled"), "trainer.epochs=2", "trainer.checkpoint_interval=1",
-                     "scheduler=step"]
+        overrides = [
+            *tiny_overrides(data, work / "labelled"),
+            "trainer.epochs=2",
+            "trainer.checkpoint_interval=1",
+            "scheduler=step",
+        ]
         (work / "overrides.json").write_text(json.dumps(overrides))
         with torch_threads(1):
             train(compose(overrides), work / "first")
 
     work = made_once(tmp_path_factory, "robustness_two_epochs", make)
-    return SimpleNamespace(overrides=json.loads((work / "overrides.json").read_text()), dir=work / "first",
-                           images=work / "labelled" / "dataset_default")
+    return SimpleNamespace(
+        overrides=json.loads((work / "overrides.json").read_text()),
+        dir=work / "first",
+        images=work / "labelled" / "dataset_default",
+    )
 
 
-@pytest.mark.parametrize("resume_from, epochs", [("epoch_001.pt", 1), ("last.pt", 2)],
-                         ids=["after_epoch_1", "finished"])
-def test_a_resumed_run_that_trains_no_better_epoch_still_has_and_publishes_its_best(two_epochs, tmp_path, monkeypatch,
-                                                                                   capsys, resume_from, epochs):
+@pytest.mark.parametrize(
+    "resume_from, epochs", [("epoch_001.pt", 1), ("last.pt", 2)], ids=["after_epoch_1", "finished"]
+)
+def test_a_resumed_run_that_trains_no_better_epoch_still_has_and_publishes_its_best(
+    two_epochs, tmp_path, monkeypatch, capsys, resume_from, epochs
+):
     """Resuming a finished run (or one whose later epochs never beat the saved best) used to end in
     a FileNotFoundError while publishing, with no best.pt in the new run folder. The command lines'
     Hydra entry points run in this process: publishing is theirs (balatro_train/job.py)."""
     resume_from = two_epochs.dir / "checkpoints" / resume_from
     monkeypatch.chdir(tmp_path)
-    code = hydra_main(train_module, [*two_epochs.overrides, f"trainer.epochs={epochs}", f"resume={resume_from}",
-                                     "hydra.run.dir=outputs/resumed", "publish_to=published.pt"], monkeypatch)
+    code = hydra_main(
+        train_module,
+        [
+            *two_epochs.overrides,
+            f"trainer.epochs={epochs}",
+            f"resume={resume_from}",
+            "hydra.run.dir=outputs/resumed",
+            "publish_to=published.pt",
+        ],
+        monkeypatch,
+    )
     printed = capsys.readouterr()
     assert code == 0, printed.out + printed.err
     assert "Traceback" not in printed.out + printed.err
@@ -453,8 +510,10 @@ def test_a_resumed_run_that_trains_no_better_epoch_still_has_and_publishes_its_b
     best = torch.load(tmp_path / "outputs/resumed/checkpoints/best.pt", weights_only=True)
     assert best["epoch"] == min(history, key=lambda r: r["val_loss"])["epoch"]
     assert (tmp_path / "published.pt").read_bytes() == (tmp_path / "outputs/resumed/checkpoints/best.pt").read_bytes()
-    assert hydra_main(predict, [f"checkpoint={tmp_path / 'outputs/resumed'}", f"images={two_epochs.images}"],
-                      monkeypatch) == 0
+    assert (
+        hydra_main(predict, [f"checkpoint={tmp_path / 'outputs/resumed'}", f"images={two_epochs.images}"], monkeypatch)
+        == 0
+    )
     assert len(json.loads(capsys.readouterr().out)) == 16
 
 
@@ -468,8 +527,11 @@ def test_an_edition_seen_only_on_an_augmented_copy_of_a_validation_image_is_refu
     victim = next(f for f, meta in augmented.items() if meta["parent"] in val)
     augmented[victim]["modifier"] = "Polychrome"
     data["augmented"].write_text(json.dumps(augmented))
-    with pytest.raises(UserError, match="task modifier: classes with no training sample after the split: "
-                                        "Polychrome; label more images of them or lower data.val_split"):
+    with pytest.raises(
+        UserError,
+        match="task modifier: classes with no training sample after the split: "
+        "Polychrome; label more images of them or lower data.val_split",
+    ):
         build_data(cfg)
 
 
@@ -479,8 +541,11 @@ def test_an_augmented_file_named_like_an_original_is_refused_naming_both_files(d
     original = "Mercury_0.png"
     augmented[original] = augmented.pop(f"aug_0_{original}")
     data["augmented"].write_text(json.dumps(augmented))
-    with pytest.raises(UserError, match=rf"'{original}' is listed in both {data['labels_file']} and "
-                                        rf"{data['augmented']}"):
+    with pytest.raises(
+        UserError,
+        match=rf"'{original}' is listed in both {data['labels_file']} and "
+        rf"{data['augmented']}",
+    ):
         build_data(tiny_cfg())
 
 
@@ -503,19 +568,26 @@ def test_an_absolute_full_path_from_another_machine_falls_back_to_the_file_besid
 
 
 def test_classes_without_a_validation_image_are_logged(tmp_path, caplog):
-    data = write_dataset(tmp_path / "labelled", per_class={"Joker_001": 4, "Joker_002": 1, "The Fool": 4,
-                                                           "Mercury": 1})
+    data = write_dataset(tmp_path / "labelled", per_class={"Joker_001": 4, "Joker_002": 1, "The Fool": 4, "Mercury": 1})
     cfg = compose(tiny_overrides(data, tmp_path / "labelled"))
     with caplog.at_level("INFO", logger="balatro_train"):
         build_data(cfg)
-    assert "task identification: 2 of 4 classes have no validation image (too few originals): Joker_002, Mercury" \
+    assert (
+        "task identification: 2 of 4 classes have no validation image (too few originals): Joker_002, Mercury"
         in caplog.text
+    )
 
 
-@pytest.mark.parametrize("write", [lambda p: p.write_bytes(b""), lambda p: p.write_bytes(os.urandom(4096)),
-                                   lambda p: p.write_text("not a checkpoint"),
-                                   lambda p: p.write_bytes(TRUNCATED_CHECKPOINT)],
-                         ids=["empty", "random bytes", "text", "truncated"])
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda p: p.write_bytes(b""),
+        lambda p: p.write_bytes(os.urandom(4096)),
+        lambda p: p.write_text("not a checkpoint"),
+        lambda p: p.write_bytes(TRUNCATED_CHECKPOINT),
+    ],
+    ids=["empty", "random bytes", "text", "truncated"],
+)
 def test_a_damaged_file_is_called_damaged_and_the_safe_loader_is_never_questioned(tmp_path, write):
     path = tmp_path / "model.pt"
     write(path)
@@ -545,8 +617,9 @@ def test_a_rerun_from_a_saved_config_keeps_the_type_checks(tmp_path):
     (saved / "config.yaml").write_text(OmegaConf.to_yaml(compose([])))
     with hydra.initialize_config_dir(config_dir=str(saved), version_base="1.3"):
         cfg = hydra.compose("config", overrides=["trainer.batch_size=many"])
-    assert "trainer.batch_size: Value 'many' of type 'str' could not be converted to Integer" in \
-        refusal(cfg, tmp_path / "rerun")
+    assert "trainer.batch_size: Value 'many' of type 'str' could not be converted to Integer" in refusal(
+        cfg, tmp_path / "rerun"
+    )
 
 
 def test_processes_side_by_side_share_the_cores(monkeypatch):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import compose, read_metrics, run_cli, run_main, tiny_overrides
 from omegaconf import OmegaConf
 
-from balatro_train.sweep import write_summary
 from balatro_train import train as train_module
-from conftest import compose, read_metrics, run_cli, run_main, tiny_overrides
+from balatro_train.sweep import write_summary
 
 OPTUNA_PARAMS = {"optimizer.lr", "freeze", "scheduler"}
 
@@ -33,8 +33,15 @@ def summary_rows(sweep: Path) -> list[dict]:
 
 
 def assert_complete_job(job: Path, epochs: int = 1) -> list[dict]:
-    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "train.log", "split.json",
-                 "checkpoints/last.pt", "checkpoints/best.pt"):
+    for name in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        ".hydra/hydra.yaml",
+        "train.log",
+        "split.json",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
         assert (job / name).is_file(), (job, name)
     assert list((job / "tb").rglob("events.out.tfevents.*")), job
     assert not (job / "error.txt").exists(), (job / "error.txt").read_text()
@@ -67,8 +74,19 @@ def without(overrides: list[str], key: str) -> list[str]:
 def test_joblib_runs_a_2x2_sweep_two_jobs_at_a_time(dataset, tmp_path):
     data, root = dataset
     # with a data-loading worker process per job: a joblib (loky) worker must be able to start one
-    result = run_cli(["-m", "hydra/launcher=joblib", "optimizer=simple,group", "freeze=all,high", PID_LOG_FORMAT,
-                      *tiny_overrides(data, root), "trainer.epochs=1", "trainer.num_workers=1"], cwd=tmp_path)
+    result = run_cli(
+        [
+            "-m",
+            "hydra/launcher=joblib",
+            "optimizer=simple,group",
+            "freeze=all,high",
+            PID_LOG_FORMAT,
+            *tiny_overrides(data, root),
+            "trainer.epochs=1",
+            "trainer.num_workers=1",
+        ],
+        cwd=tmp_path,
+    )
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     [sweep] = sweep_dirs(tmp_path)
     jobs = job_dirs(sweep)
@@ -96,8 +114,9 @@ def test_joblib_runs_a_2x2_sweep_two_jobs_at_a_time(dataset, tmp_path):
 
 def test_launcher_and_search_configs_compose(tmp_path, monkeypatch, capsys):
     # joblib and Optuna together: the Optuna sweeper asks for as many trials at a time as joblib runs
-    result = sweep_in_process(["hydra/launcher=joblib", "hparams_search=optuna", "--cfg", "hydra", "--resolve"],
-                              tmp_path, monkeypatch, capsys)
+    result = sweep_in_process(
+        ["hydra/launcher=joblib", "hparams_search=optuna", "--cfg", "hydra", "--resolve"], tmp_path, monkeypatch, capsys
+    )
     hydra = yaml.safe_load(result.stdout)["hydra"]
     assert hydra["launcher"]["_target_"] == "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
     assert hydra["launcher"]["n_jobs"] == 2 and hydra["launcher"]["backend"] == "loky"
@@ -105,9 +124,11 @@ def test_launcher_and_search_configs_compose(tmp_path, monkeypatch, capsys):
     assert sweeper["_target_"] == "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
     assert sweeper["direction"] == "minimize" and sweeper["n_trials"] == 20 and sweeper["n_jobs"] == 2
     assert sweeper["sampler"]["_target_"] == "optuna.samplers.TPESampler" and sweeper["sampler"]["seed"] == 42
-    assert sweeper["params"] == {"optimizer.lr": "tag(log, interval(1e-5, 1e-2))",
-                                 "freeze": "choice(all, high, mid, none)",
-                                 "scheduler": "choice(warmup_cosine, cosine, plateau, step, none)"}
+    assert sweeper["params"] == {
+        "optimizer.lr": "tag(log, interval(1e-5, 1e-2))",
+        "freeze": "choice(all, high, mid, none)",
+        "scheduler": "choice(warmup_cosine, cosine, plateau, step, none)",
+    }
     assert hydra["callbacks"]["sweep_summary"]["_target_"] == "balatro_train.sweep.SweepSummary"
 
     # composed with the compose API: the --cfg above already showed that printing one runs nothing
@@ -133,16 +154,23 @@ def test_submitit_local_runs_one_job_to_completion(dataset, tmp_path):
 def test_optuna_search_completes_and_reports_its_best_trial(dataset, tmp_path, monkeypatch, capsys):
     data, root = dataset
     overrides = without(tiny_overrides(data, root), "optimizer.lr")  # searched, not fixed
-    sweep_in_process(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *overrides, "trainer.epochs=1"],
-                     tmp_path, monkeypatch, capsys)
+    sweep_in_process(
+        ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *overrides, "trainer.epochs=1"],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
     [sweep] = sweep_dirs(tmp_path)
     jobs = job_dirs(sweep)
     assert len(jobs) == 3
     returned = {}
     for job in jobs:
         rows = assert_complete_job(job)
-        params = dict(o.split("=", 1) for o in yaml.safe_load((job / ".hydra/overrides.yaml").read_text())
-                      if o.split("=", 1)[0] in OPTUNA_PARAMS)
+        params = dict(
+            o.split("=", 1)
+            for o in yaml.safe_load((job / ".hydra/overrides.yaml").read_text())
+            if o.split("=", 1)[0] in OPTUNA_PARAMS
+        )
         assert set(params) == OPTUNA_PARAMS
         assert 1e-5 <= float(params["optimizer.lr"]) <= 1e-2
         assert params["freeze"] in {"all", "high", "mid", "none"}
@@ -166,8 +194,15 @@ def test_a_failed_job_is_a_failed_row_and_the_sweep_goes_on(dataset, tmp_path, s
     if sweeper == "basic":
         args = ["-m", "optimizer.lr=1e-3,1e30", *overrides]
     else:  # the sampler's seed makes the two trials one of each
-        args = ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "optimizer.lr=choice(1e-3,1e30)",
-                "freeze=none", "scheduler=none", *overrides]
+        args = [
+            "-m",
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            "optimizer.lr=choice(1e-3,1e30)",
+            "freeze=none",
+            "scheduler=none",
+            *overrides,
+        ]
     result = sweep_in_process(args, tmp_path, monkeypatch, capsys)
     assert "1 of 2 sweep jobs failed" in result.stdout + result.stderr
     [sweep] = sweep_dirs(tmp_path)
@@ -192,36 +227,53 @@ def test_a_failed_job_is_a_failed_row_and_the_sweep_goes_on(dataset, tmp_path, s
 
 def test_summary_orders_jobs_and_tells_killed_from_early_stopped(tmp_path):
     """The summary of job folders as the runner leaves them, including ones it could not finish."""
+
     def job(name, overrides, losses=(), epochs=5, patience=2, error=None, cut_short=False):
         folder = tmp_path / name
         (folder / ".hydra").mkdir(parents=True)
         (folder / ".hydra/overrides.yaml").write_text(yaml.safe_dump(overrides))
         trainer = {"epochs": epochs, "patience": patience}
         (folder / ".hydra/config.yaml").write_text(yaml.safe_dump({"trainer": trainer}))
-        rows = [{"epoch": i + 1, "val_loss": v, "a/top1_acc": 0.1 * (i + 1), "b/top1_acc": 0.5}
-                for i, v in enumerate(losses)]
+        rows = [
+            {"epoch": i + 1, "val_loss": v, "a/top1_acc": 0.1 * (i + 1), "b/top1_acc": 0.5}
+            for i, v in enumerate(losses)
+        ]
         lines = [json.dumps(r) + "\n" for r in rows] + (['{"epoch": 9, "val'] if cut_short else [])
         (folder / "metrics.jsonl").write_text("".join(lines))
         if error:
             (folder / "error.txt").write_text(error + "\nsecond line\n")
 
     job("2", ["lr=2", "x=1"], [0.9, 0.7, 0.8, 0.75, 0.72], cut_short=True)  # finished; a line cut short
-    job("10", ["lr=10", "x=1"], [0.5, 0.6, 0.6])                    # stopped early: 2 epochs without a better loss
-    job("9", ["lr=9", "x=1"], [0.4], error="UserError: it broke")   # failed, with its error
-    job("3", ["lr=3", "x=1"], [0.6, 0.3])                           # 2 of 5 epochs and no error: killed
-    job("4", ["lr=4", "x=1"])                                       # not one epoch
+    job("10", ["lr=10", "x=1"], [0.5, 0.6, 0.6])  # stopped early: 2 epochs without a better loss
+    job("9", ["lr=9", "x=1"], [0.4], error="UserError: it broke")  # failed, with its error
+    job("3", ["lr=3", "x=1"], [0.6, 0.3])  # 2 of 5 epochs and no error: killed
+    job("4", ["lr=4", "x=1"])  # not one epoch
     jobs = write_summary(tmp_path)
 
-    assert [(j.job, j.status) for j in jobs] == [("10", "ok"), ("2", "ok"), ("3", "failed"), ("4", "failed"),
-                                                 ("9", "failed")]
+    assert [(j.job, j.status) for j in jobs] == [
+        ("10", "ok"),
+        ("2", "ok"),
+        ("3", "failed"),
+        ("4", "failed"),
+        ("9", "failed"),
+    ]
     assert (jobs[0].best_epoch, jobs[0].best_val_loss, jobs[0].top1) == (1, 0.5, {"a/top1_acc": 0.1, "b/top1_acc": 0.5})
     assert (jobs[1].best_epoch, jobs[1].epochs) == (2, 5)
     assert jobs[2].error == "stopped after epoch 2 of 5 without an error (interrupted or killed)"
     assert "no finished epoch" in jobs[3].error
     assert jobs[4].error == "UserError: it broke" and jobs[4].best_val_loss == 0.4
     rows = summary_rows(tmp_path)
-    assert list(rows[0]) == ["job", "status", "best_epoch", "epochs", "best_val_loss", "a/top1_acc", "b/top1_acc",
-                             "overrides", "error"]
+    assert list(rows[0]) == [
+        "job",
+        "status",
+        "best_epoch",
+        "epochs",
+        "best_val_loss",
+        "a/top1_acc",
+        "b/top1_acc",
+        "overrides",
+        "error",
+    ]
     assert rows[0]["overrides"] == "lr=10 x=1"
     md = (tmp_path / "summary.md").read_text()
     assert "5 jobs: 2 ok, 3 failed" in md and "Overrides of every job: `x=1`" in md

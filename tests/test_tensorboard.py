@@ -23,16 +23,21 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import compose, read_metrics, run_cli, tiny_overrides, write_dataset
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 
 from balatro_train.errors import Interrupted
 from balatro_train.evaluate import evaluate
-from balatro_train.metrics import (MAX_FIGURE_CLASSES, confusion_counts, confusion_figure, confusion_summary,
-                                   misclassified_grid)
+from balatro_train.metrics import (
+    MAX_FIGURE_CLASSES,
+    confusion_counts,
+    confusion_figure,
+    confusion_summary,
+    misclassified_grid,
+)
 from balatro_train.progress import bar_columns
 from balatro_train.train import train
-from conftest import compose, read_metrics, run_cli, tiny_overrides, write_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training beside another xdist worker
 
@@ -65,6 +70,7 @@ def hparams_data(run: EventAccumulator, tag: str) -> plugin_data_pb2.HParamsPlug
 
 class Terminal(io.StringIO):
     """A terminal as far as tqdm and the runner can tell (one that does not say its width)."""
+
     encoding = "utf-8"
 
     def isatty(self) -> bool:
@@ -76,8 +82,16 @@ def run(tmp_path_factory):
     """One in-process run with the `group` optimizer, on a terminal, its log also written to a file."""
     root = tmp_path_factory.mktemp("tb")
     data = write_dataset(root / "labelled")
-    cfg = compose([*tiny_overrides(data, root / "labelled"), SMALL, "optimizer=group", "trainer.epochs=2",
-                   "trainer.log_every_n_steps=2", "publish_to=null"])
+    cfg = compose(
+        [
+            *tiny_overrides(data, root / "labelled"),
+            SMALL,
+            "optimizer=group",
+            "trainer.epochs=2",
+            "trainer.log_every_n_steps=2",
+            "publish_to=null",
+        ]
+    )
     out, terminal, log_file = root / "run", Terminal(), root / "train.log"
     handler, logger = logging.FileHandler(log_file), logging.getLogger("balatro_train")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
@@ -95,8 +109,14 @@ def run(tmp_path_factory):
         logger.setLevel(level)
         handler.close()
     images = len(json.loads((out / "split.json").read_text())["train"])  # batches of 8, none of a single image
-    return {"out": out, "terminal": terminal.getvalue(), "log": log_file.read_text(), "data": data,
-            "root": root / "labelled", "steps": images // 8 if images % 8 == 1 else -(-images // 8)}
+    return {
+        "out": out,
+        "terminal": terminal.getvalue(),
+        "log": log_file.read_text(),
+        "data": data,
+        "root": root / "labelled",
+        "steps": images // 8 if images % 8 == 1 else -(-images // 8),
+    }
 
 
 def test_train_and_val_share_each_loss_tag_and_the_page_opens_on_loss_and_top1(run):
@@ -109,27 +129,36 @@ def test_train_and_val_share_each_loss_tag_and_the_page_opens_on_loss_and_top1(r
         assert scalars(val_run, f"Top1/{task}") == pytest.approx({r["epoch"]: r[f"{task}/top1_acc"] for r in rows})
     assert scalars(train_run, "Loss/combined") == pytest.approx({r["epoch"]: r["train_loss"] for r in rows})
     assert scalars(val_run, "Loss/combined_best") == pytest.approx(
-        {r["epoch"]: min(q["val_loss"] for q in rows[:i + 1]) for i, r in enumerate(rows)})
+        {r["epoch"]: min(q["val_loss"] for q in rows[: i + 1]) for i, r in enumerate(rows)}
+    )
     assert {"identification/top3_acc", "identification/f1", "modifier/precision"} <= set(val_run.Tags()["scalars"])
     # one learning rate per parameter group (optimizer=group: 1e-5 and 1e-4), timing in a group sorting last
     assert {t for t in train_run.Tags()["scalars"] if t.startswith("lr/")} == {"lr/backbone", "lr/heads"}
     assert scalars(train_run, "lr/backbone")[1] == pytest.approx(1e-5 * 0.1)  # epoch 1: a tenth, warming up
     assert scalars(train_run, "lr/heads")[1] == pytest.approx(1e-4 * 0.1)
     assert {"zz_time/epoch_seconds", "zz_time/train_images_per_sec"} <= set(train_run.Tags()["scalars"])
-    groups = sorted({tag.split("/")[0] for run_ in (train_run, val_run) for kind in ("scalars", "images")
-                     for tag in run_.Tags()[kind]})  # TensorBoard sorts groups by character code
+    groups = sorted(
+        {
+            tag.split("/")[0]
+            for run_ in (train_run, val_run)
+            for kind in ("scalars", "images")
+            for tag in run_.Tags()[kind]
+        }
+    )  # TensorBoard sorts groups by character code
     assert groups[:2] == ["Loss", "Top1"] and groups[-1] == "zz_time"
     # the training loss every 2 optimizer steps and at each epoch's last, at the run's optimizer step
     steps, per_epoch = sorted(scalars(train_run, "train_steps/loss")), run["steps"]
-    expected = sorted({(e - 1) * per_epoch + s for e in (1, 2) for s in range(1, per_epoch + 1)
-                       if s % 2 == 0 or s == per_epoch})
+    expected = sorted(
+        {(e - 1) * per_epoch + s for e in (1, 2) for s in range(1, per_epoch + 1) if s % 2 == 0 or s == per_epoch}
+    )
     assert steps == expected
 
 
 def test_every_task_has_a_confusion_figure_a_misclassified_grid_and_a_confusion_summary(run):
     val_run = events(run["out"] / "tb/val")
-    assert {f"{task}/{kind}" for task in ("identification", "modifier") for kind in ("confusion_matrix", "misclassified")} \
-        <= set(val_run.Tags()["images"])
+    assert {
+        f"{task}/{kind}" for task in ("identification", "modifier") for kind in ("confusion_matrix", "misclassified")
+    } <= set(val_run.Tags()["images"])
     predictions = json.loads((run["out"] / "val_predictions.json").read_text())  # the best epoch's, as the summary
     with (run["out"] / "confusion_summary.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -142,7 +171,9 @@ def test_every_task_has_a_confusion_figure_a_misclassified_grid_and_a_confusion_
         for r in task_rows:
             mine = [p[task] for p in predictions.values() if p[task]["true"] == r["class"]]
             if mine:
-                assert float(r["recall"]) == pytest.approx(sum(p["pred"] == r["class"] for p in mine) / len(mine), abs=1e-4)
+                assert float(r["recall"]) == pytest.approx(
+                    sum(p["pred"] == r["class"] for p in mine) / len(mine), abs=1e-4
+                )
         assert [float(r["f1"]) for r in task_rows] == sorted(float(r["f1"]) for r in task_rows)  # worst first
         best_epoch = min(read_metrics(run["out"]), key=lambda r: r["val_loss"])["epoch"]
         assert f"## {task}" in (run["out"] / "confusion_summary.md").read_text()
@@ -157,8 +188,11 @@ def test_the_config_and_the_runs_summary_are_text_and_hparams_has_its_session(ru
     best = min(read_metrics(run["out"]), key=lambda r: r["val_loss"])
     assert f"Best epoch {best['epoch']}" in summary and str(run["out"] / "checkpoints/best.pt") in summary
     experiment = hparams_data(root, metadata.EXPERIMENT_TAG).experiment
-    assert [(m.name.group, m.name.tag) for m in experiment.metric_infos] == \
-        [("val", "Loss/combined_best"), ("val", "Top1/identification"), ("val", "Top1/modifier")]
+    assert [(m.name.group, m.name.tag) for m in experiment.metric_infos] == [
+        ("val", "Loss/combined_best"),
+        ("val", "Top1/identification"),
+        ("val", "Top1/modifier"),
+    ]
     start = hparams_data(root, metadata.SESSION_START_INFO_TAG).session_start_info
     assert start.hparams["trainer.batch_size"].number_value == 8
     assert start.hparams["data.weighted_sampler"].HasField("bool_value")
@@ -179,7 +213,9 @@ def test_the_bar_shows_the_epoch_lines_loss_and_the_log_file_no_bar(run):
 
 
 def test_evaluate_writes_the_same_confusion_summary(run, tmp_path):
-    evaluate(run["out"] / "checkpoints/best.pt", run["data"]["labels_file"], run["root"], tmp_path / "eval", device="cpu")
+    evaluate(
+        run["out"] / "checkpoints/best.pt", run["data"]["labels_file"], run["root"], tmp_path / "eval", device="cpu"
+    )
     with (tmp_path / "eval/confusion_summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {r["task"] for r in rows} == {"identification", "modifier"}
@@ -205,7 +241,9 @@ def test_a_sweep_names_its_runs_after_the_swept_overrides_and_hparams_lists_them
     jobs = sorted(p for p in (tmp_path / "outputs/multirun").glob("*/*/*") if (p / ".hydra").is_dir())
     assert [j.name for j in jobs] == ["0", "1"]
     for job in jobs:
-        [chosen] = [o for o in yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) if o.startswith("optimizer=")]
+        [chosen] = [
+            o for o in yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) if o.startswith("optimizer=")
+        ]
         folder = job / "tb" / chosen  # tb/optimizer=simple/, tb/optimizer=group/
         assert {p.name for p in folder.iterdir() if p.is_dir()} == {"train", "val"}
         session = events(folder)
@@ -216,7 +254,16 @@ def test_a_sweep_names_its_runs_after_the_swept_overrides_and_hparams_lists_them
         assert infos["optimizer"].type == api_pb2.DATA_TYPE_STRING
         assert infos["trainer.epochs"].type == api_pb2.DATA_TYPE_FLOAT64
         assert infos["data.weighted_sampler"].type == api_pb2.DATA_TYPE_BOOL
-        assert {"freeze", "scheduler", "model", "dataset", "task", "optimizer.lr", "data.image_size", "data.recolour"} <= set(infos)
+        assert {
+            "freeze",
+            "scheduler",
+            "model",
+            "dataset",
+            "task",
+            "optimizer.lr",
+            "data.image_size",
+            "data.recolour",
+        } <= set(infos)
         values = hparams_data(session, metadata.SESSION_START_INFO_TAG).session_start_info.hparams
         assert values["optimizer"].string_value == chosen.split("=")[1]
         assert values["trainer.epochs"].number_value == 1 and values["data.image_size"].number_value == 32

@@ -19,19 +19,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import NAMES, compose, read_metrics, tiny_overrides, validation_outputs, without_timing, write_dataset
 from hydra.utils import instantiate
 from torch import nn
 
 from balatro_train.checkpoint import load_checkpoint
 from balatro_train.data import build_data, make_loaders
+from balatro_train.distributed import Process
 from balatro_train.errors import UserError
 from balatro_train.metrics import build_metrics
 from balatro_train.preprocessing import load_image
-from balatro_train.distributed import Process
 from balatro_train.run_setup import build_run, class_weights
 from balatro_train.train import train, train_one_epoch
-from conftest import (NAMES, compose, read_metrics, tiny_overrides, validation_outputs, without_timing,
-                      write_dataset)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training beside another xdist worker
 
@@ -46,11 +45,15 @@ def one_epoch(loader, epoch: int = 1) -> list[tuple[torch.Tensor, dict[str, torc
     """(image, {task: target}) of every sample the loader yields in `epoch`."""
     if hasattr(loader.sampler, "set_epoch"):  # the training loader's EpochSampler
         loader.sampler.set_epoch(epoch)
-    return [(image, {task: t[i] for task, t in targets.items()})
-            for images, targets in loader for i, image in enumerate(images)]
+    return [
+        (image, {task: t[i] for task, t in targets.items()})
+        for images, targets in loader
+        for i, image in enumerate(images)
+    ]
 
 
 # ---- what the loaders feed ---------------------------------------------------------------------------
+
 
 def test_an_epoch_feeds_each_training_file_once_and_nothing_of_validation(dataset, tiny_cfg):
     """Identifies every image the training loader yields by its pixels. split.json can be right while
@@ -109,8 +112,11 @@ def test_the_weighted_sampler_draws_rare_and_common_classes_about_evenly(tmp_pat
     train_loader, _ = make_loaders(cfg, built, Process(0, 1, CPU))
 
     epochs = 8
-    drawn = Counter(names[targets["identification"]] for epoch in range(1, epochs + 1)
-                    for _, targets in one_epoch(train_loader, epoch))
+    drawn = Counter(
+        names[targets["identification"]]
+        for epoch in range(1, epochs + 1)
+        for _, targets in one_epoch(train_loader, epoch)
+    )
     total = epochs * len(built.train)
     assert sum(drawn.values()) == total
     if not weighted:  # a plain shuffle: every image once per epoch
@@ -121,6 +127,7 @@ def test_the_weighted_sampler_draws_rare_and_common_classes_about_evenly(tmp_pat
 
 
 # ---- metrics and losses, built as the runner builds them ----------------------------------------------
+
 
 def ranked_logits(rankings: list[list[int]]) -> torch.Tensor:
     """Logits whose classes rank as given, best first."""
@@ -135,10 +142,12 @@ def test_identification_metrics_top_k_are_micro_and_the_rest_macro_on_an_imbalan
     cfg = compose([])
     metrics = build_metrics("identification", cfg.tasks.identification.metrics, num_classes=4)
     # 6 of class 0, 2 each of 1, 2, 3 (best first):
-    cases = ([(0, [0, 1, 2, 3])] * 6          # top-1 right
-             + [(1, [0, 2, 3, 1])] * 2         # top-1 wrong (0), not even in the top 3
-             + [(2, [0, 2, 1, 3])] * 2         # top-1 wrong (0), in the top 3
-             + [(3, [3, 0, 1, 2])] * 2)        # top-1 right
+    cases = (
+        [(0, [0, 1, 2, 3])] * 6  # top-1 right
+        + [(1, [0, 2, 3, 1])] * 2  # top-1 wrong (0), not even in the top 3
+        + [(2, [0, 2, 1, 3])] * 2  # top-1 wrong (0), in the top 3
+        + [(3, [3, 0, 1, 2])] * 2
+    )  # top-1 right
     targets = torch.tensor([c[0] for c in cases])
     logits = ranked_logits([c[1] for c in cases])
     result = {k: v.item() for k, v in metrics(logits, targets).items()}
@@ -175,9 +184,12 @@ def test_class_weights_weigh_each_image_by_its_class_name():
     logits = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]])
     targets = torch.tensor([0, 1, 2, 2])
     # cross-entropy by hand: log(sum(exp(logits))) - logit of the target
-    per_image = [math.log(sum(math.exp(v) for v in row)) - row[t] for row, t in zip(logits.tolist(), targets.tolist())]
+    per_image = [
+        math.log(sum(math.exp(v) for v in row)) - row[t]
+        for row, t in zip(logits.tolist(), targets.tolist(), strict=True)
+    ]
     w = [0.5, 1.0, 3.0, 3.0]
-    expected = sum(wi * li for wi, li in zip(w, per_image)) / sum(w)
+    expected = sum(wi * li for wi, li in zip(w, per_image, strict=True)) / sum(w)
     assert loss_fn(logits, targets).item() == pytest.approx(expected, rel=1e-6)
     assert abs(expected - sum(per_image) / 4) > 0.1  # the weights matter here
     assert class_weights("identification", cfg.tasks.identification, NAMES) is None
@@ -186,9 +198,13 @@ def test_class_weights_weigh_each_image_by_its_class_name():
 def test_a_run_weighs_its_losses_by_the_configured_class_weights(tiny_cfg, tmp_path):
     """The runner's logged validation loss is the class-weighted mean over the validation images."""
     weights = {"Base": 0.5, "Foil": 2.0, "Negative": 3.0}
-    cfg = tiny_cfg("trainer.epochs=1", "publish_to=null", "tasks.identification.label_smoothing=0",
-                   "tasks.modifier.label_smoothing=0",
-                   *(f"+tasks.modifier.class_weights.{name}={w}" for name, w in weights.items()))
+    cfg = tiny_cfg(
+        "trainer.epochs=1",
+        "publish_to=null",
+        "tasks.identification.label_smoothing=0",
+        "tasks.modifier.label_smoothing=0",
+        *(f"+tasks.modifier.class_weights.{name}={w}" for name, w in weights.items()),
+    )
     train(cfg, tmp_path / "run")
     [row] = read_metrics(tmp_path / "run")
     logits, targets = validation_outputs(tmp_path / "run/checkpoints/last.pt")
@@ -208,12 +224,15 @@ def test_a_run_weighs_its_losses_by_the_configured_class_weights(tiny_cfg, tmp_p
 RESNET_STAGES = {"conv1", "bn1", "layer1", "layer2", "layer3", "layer4"}  # the backbone's modules with weights
 
 
-@pytest.mark.parametrize("freeze, trained", [
-    ("all", set()),
-    ("high", {"layer3", "layer4"}),
-    ("mid", {"layer2", "layer3", "layer4"}),
-    ("none", RESNET_STAGES),
-])
+@pytest.mark.parametrize(
+    "freeze, trained",
+    [
+        ("all", set()),
+        ("high", {"layer3", "layer4"}),
+        ("mid", {"layer2", "layer3", "layer4"}),
+        ("none", RESNET_STAGES),
+    ],
+)
 def test_one_step_changes_exactly_the_modules_the_freeze_strategy_trains(tiny_cfg, freeze, trained):
     """Weights and BatchNorm statistics of frozen modules stay bit-identical; everything of a trained
     module (and the heads, always) changes."""
@@ -242,6 +261,7 @@ def test_one_step_changes_exactly_the_modules_the_freeze_strategy_trains(tiny_cf
 
 # ---- whole runs, in-process: train(cfg, out_dir) -----------------------------------------------------
 
+
 def test_a_run_with_freeze_all_trains_only_the_heads_and_keeps_batchnorm_statistics(tiny_cfg, tmp_path):
     cfg = tiny_cfg(SMALL, "freeze=all", "trainer.epochs=2", "trainer.checkpoint_interval=1", "publish_to=null")
     train(cfg, tmp_path / "run")
@@ -253,14 +273,22 @@ def test_a_run_with_freeze_all_trains_only_the_heads_and_keeps_batchnorm_statist
 
 
 def test_a_single_task_run_with_the_weighted_sampler_class_weights_and_plateau(tiny_cfg, tmp_path):
-    cfg = tiny_cfg(SMALL, "task=modifier", "data.weighted_sampler=true", "+tasks.modifier.class_weights.Negative=3.0",
-                   "scheduler=plateau", "trainer.epochs=2", "publish_to=null")
+    cfg = tiny_cfg(
+        SMALL,
+        "task=modifier",
+        "data.weighted_sampler=true",
+        "+tasks.modifier.class_weights.Negative=3.0",
+        "scheduler=plateau",
+        "trainer.epochs=2",
+        "publish_to=null",
+    )
     train(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     assert [r["epoch"] for r in rows] == [1, 2]
     assert {"modifier/top1_acc", "modifier/val_loss"} <= set(rows[0]) and "identification/val_loss" not in rows[0]
     assert load_checkpoint(tmp_path / "run/checkpoints/last.pt").class_names == {
-        "modifier": ["Base", "Foil", "Negative"]}
+        "modifier": ["Base", "Foil", "Negative"]
+    }
 
 
 def test_resume_is_exact_with_a_model_that_draws_random_numbers_in_its_forward(tiny_cfg, tmp_path):
@@ -289,8 +317,16 @@ def test_early_stopping_stops_at_the_epoch_the_patience_rule_says(tiny_cfg, tmp_
     """A model that cannot change (frozen backbone and BatchNorm, heads moved by 1e-30 at most: below
     float32's resolution) has the same validation loss every epoch: epoch 1 improves on infinity,
     no later epoch is strictly better. Default precision: bf16 autocast where the CPU runs it fast."""
-    cfg = tiny_cfg(SMALL, "freeze=all", "optimizer.lr=1e-30", "scheduler=none", "trainer.epochs=6",
-                   f"trainer.patience={patience}", "publish_to=null", precision=None)
+    cfg = tiny_cfg(
+        SMALL,
+        "freeze=all",
+        "optimizer.lr=1e-30",
+        "scheduler=none",
+        "trainer.epochs=6",
+        f"trainer.patience={patience}",
+        "publish_to=null",
+        precision=None,
+    )
     train(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     assert len({r["val_loss"] for r in rows}) == 1  # the premise: nothing improves after epoch 1
@@ -302,8 +338,15 @@ def test_early_stopping_stops_at_the_epoch_the_patience_rule_says(tiny_cfg, tmp_
 
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path):
     """Epoch 1 at a learning rate of 1e-10, then StepLR multiplies it by 1e35: epoch 2 diverges."""
-    cfg = tiny_cfg(SMALL, "optimizer.lr=1e-10", "scheduler=step", "scheduler.step_size=1", "scheduler.gamma=1e35",
-                   "trainer.epochs=4", "publish_to=null")
+    cfg = tiny_cfg(
+        SMALL,
+        "optimizer.lr=1e-10",
+        "scheduler=step",
+        "scheduler.step_size=1",
+        "scheduler.gamma=1e35",
+        "trainer.epochs=4",
+        "publish_to=null",
+    )
     with pytest.raises(UserError, match="epoch 2: the loss became") as error:
         train(cfg, tmp_path / "run")
     last = tmp_path / "run/checkpoints/last.pt"

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import compose, hydra_main, made_once, read_metrics, tiny_overrides, write_dataset
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
@@ -27,7 +28,6 @@ from balatro_train.inference import Recognizer
 from balatro_train.job import check_publish_target
 from balatro_train.run_folder import RunFolderGuard, new_folder
 from balatro_train.train import train
-from conftest import compose, hydra_main, made_once, read_metrics, tiny_overrides, write_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # in-process training beside another xdist worker
 RUN = ["trainer.epochs=3", "trainer.checkpoint_interval=1", "publish_to=null"]
@@ -36,19 +36,25 @@ RUN = ["trainer.epochs=3", "trainer.checkpoint_interval=1", "publish_to=null"]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finished 3-epoch tiny run (epoch_001..003.pt, best.pt, last.pt), trained in-process once."""
+
     def make(work):
         data = write_dataset(work / "labelled", per_class=3, augmented_per_image=0)
         (work / "overrides.json").write_text(json.dumps([*tiny_overrides(data, work / "labelled"), *RUN]))
         train(compose(json.loads((work / "overrides.json").read_text())), work / "run")
 
     work = made_once(tmp_path_factory, "trust_run", make)
-    return SimpleNamespace(work=work, dir=work / "run", checkpoints=work / "run" / "checkpoints",
-                           overrides=json.loads((work / "overrides.json").read_text()),
-                           labels_file=work / "labelled" / "dataset_default" / "labels.json",
-                           image=next((work / "labelled" / "dataset_default").glob("*.png")))
+    return SimpleNamespace(
+        work=work,
+        dir=work / "run",
+        checkpoints=work / "run" / "checkpoints",
+        overrides=json.loads((work / "overrides.json").read_text()),
+        labels_file=work / "labelled" / "dataset_default" / "labels.json",
+        image=next((work / "labelled" / "dataset_default").glob("*.png")),
+    )
 
 
 # ---- a checkpoint never acts ------------------------------------------------------------------------------
+
 
 def evil_call(victim: Path) -> dict:
     """A `_target_` that the safe loader lets through (only dicts and strings) and that writes a file."""
@@ -69,18 +75,28 @@ def plant(state: dict, where: str, victim: Path) -> dict:
 
 TOOLS = {  # each command line and the arguments that make it load the checkpoint
     "predict": (predict, lambda run, ckpt, tmp: [f"checkpoint={ckpt}", f"images={run.image}"]),
-    "evaluate": (evaluate, lambda run, ckpt, tmp: [f"checkpoint={ckpt}", f"dataset.labels_file={run.labels_file}",
-                                                  f"dataset.root={run.work / 'labelled'}", f"out_dir={tmp / 'eval'}"]),
+    "evaluate": (
+        evaluate,
+        lambda run, ckpt, tmp: [
+            f"checkpoint={ckpt}",
+            f"dataset.labels_file={run.labels_file}",
+            f"dataset.root={run.work / 'labelled'}",
+            f"out_dir={tmp / 'eval'}",
+        ],
+    ),
     "export": (export, lambda run, ckpt, tmp: [f"checkpoint={ckpt}", "format=onnx", f"out={tmp / 'model.onnx'}"]),
-    "enroll": (enroll, lambda run, ckpt, tmp: [f"checkpoint={ckpt}", f"images={run.image}", "name=New",
-                                              f"out={tmp / 'enrolled.pt'}"]),
+    "enroll": (
+        enroll,
+        lambda run, ckpt, tmp: [f"checkpoint={ckpt}", f"images={run.image}", "name=New", f"out={tmp / 'enrolled.pt'}"],
+    ),
 }
 
 
 @pytest.mark.parametrize("where", ["head", "model", "metric"])
 @pytest.mark.parametrize("tool", sorted(TOOLS))
-def test_a_checkpoint_whose_config_names_a_callable_is_refused_by_every_tool(run, tmp_path, monkeypatch, capsys,
-                                                                             tool, where):
+def test_a_checkpoint_whose_config_names_a_callable_is_refused_by_every_tool(
+    run, tmp_path, monkeypatch, capsys, tool, where
+):
     victim = tmp_path / "victim.txt"
     evil = tmp_path / "shared.pt"
     torch.save(plant(torch.load(run.checkpoints / "best.pt", weights_only=True), where, victim), evil)
@@ -108,8 +124,11 @@ def test_a_checkpoint_whose_preprocessing_names_something_else_is_refused_in_one
     state = torch.load(run.checkpoints / "best.pt", weights_only=True)
     state["preprocessing"]["val_transforms"]["transform"] = {"__class_fullname__": "os.system", "command": "true"}
     torch.save(state, tmp_path / "shared.pt")
-    with pytest.raises(UserError, match=rf"^checkpoint={tmp_path / 'shared.pt'}: refused, its preprocessing is not "
-                                        r"an albumentations pipeline \(KeyError: 'os.system'\)"):
+    with pytest.raises(
+        UserError,
+        match=rf"^checkpoint={tmp_path / 'shared.pt'}: refused, its preprocessing is not "
+        r"an albumentations pipeline \(KeyError: 'os.system'\)",
+    ):
         Recognizer.from_checkpoint(tmp_path / "shared.pt")
 
 
@@ -126,6 +145,7 @@ def test_a_training_config_naming_another_head_class_is_refused_too(run, tmp_pat
 
 # ---- two runs never mix -----------------------------------------------------------------------------------
 
+
 def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
     """RunFolderGuard, before Hydra makes the folder: the config's outputs/<date>/<time> is taken (by a run
     started this second), so this run claims <time>_2; a sweep's claimed folder reaches its jobs' configs."""
@@ -137,7 +157,9 @@ def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path, monkeypat
     assert cfg.hydra.run.dir == f"{taken}_2" and Path(cfg.hydra.run.dir).is_dir()
     Path(cfg.hydra.sweep.dir).mkdir(parents=True)
     RunFolderGuard().on_multirun_start(cfg)
-    assert cfg.hydra.sweep.dir.endswith("_2") and cfg.hydra.overrides.hydra[-1] == f"hydra.sweep.dir={cfg.hydra.sweep.dir}"
+    assert (
+        cfg.hydra.sweep.dir.endswith("_2") and cfg.hydra.overrides.hydra[-1] == f"hydra.sweep.dir={cfg.hydra.sweep.dir}"
+    )
     assert new_folder("x") == "x" and new_folder("x") == "x_2" and new_folder("x") == "x_3"
     assert sorted(p.name for p in taken.parent.iterdir()) == [taken.name, f"{taken.name}_2"]  # nothing else made
 
@@ -188,15 +210,25 @@ def test_a_sweep_relaunched_into_an_old_folder_resumes_only_its_own_jobs(run, tm
 
 # ---- a resume goes on with its own run --------------------------------------------------------------------
 
-@pytest.mark.parametrize("change, difference", [
-    ("freeze=all", r"freeze.trainable is \[\] here but None"),
-    ("scheduler=plateau", r"scheduler._target_ is torch.optim.lr_scheduler.ReduceLROnPlateau here but "
-                          r"balatro_train.optim.warmup_cosine"),
-    ("optimizer=group", r"optimizer.lr_backbone is 1e-05 here but \(not set\)"),
-    ("optimizer.lr=1e-2", r"optimizer.lr is 0.01 here but 0.003"),
-    # trainer.epochs may change, but the default schedule's length follows it: the restored one would not
-    ("trainer.epochs=5", r"scheduler.epochs is 5 here but 3 in the run it resumes \(it follows \$\{trainer.epochs\}\)"),
-])
+
+@pytest.mark.parametrize(
+    "change, difference",
+    [
+        ("freeze=all", r"freeze.trainable is \[\] here but None"),
+        (
+            "scheduler=plateau",
+            r"scheduler._target_ is torch.optim.lr_scheduler.ReduceLROnPlateau here but "
+            r"balatro_train.optim.warmup_cosine",
+        ),
+        ("optimizer=group", r"optimizer.lr_backbone is 1e-05 here but \(not set\)"),
+        ("optimizer.lr=1e-2", r"optimizer.lr is 0.01 here but 0.003"),
+        # trainer.epochs may change, but the default schedule's length follows it: the restored one would not
+        (
+            "trainer.epochs=5",
+            r"scheduler.epochs is 5 here but 3 in the run it resumes \(it follows \$\{trainer.epochs\}\)",
+        ),
+    ],
+)
 def test_resume_with_other_settings_names_the_key_before_loading_any_state(run, tmp_path, change, difference):
     last = run.checkpoints / "last.pt"
     with pytest.raises(UserError, match=rf"^resume={last}: {difference}.*; a resume goes on .* init_from={last}$"):
@@ -244,6 +276,7 @@ def test_the_scheduler_steps_once_per_epoch(run):
 
 # ---- where a run writes ------------------------------------------------------------------------------------
 
+
 def test_publish_to_is_checked_before_training(run, tmp_path, monkeypatch, capsys):
     (tmp_path / "models").mkdir()
     (tmp_path / "a_file").write_text("")
@@ -253,8 +286,11 @@ def test_publish_to_is_checked_before_training(run, tmp_path, monkeypatch, capsy
         check_publish_target(tmp_path / "a_file" / "best.pt")
     check_publish_target(tmp_path / "new" / "folders" / "best.pt")  # made when publishing
     out = tmp_path / "run"
-    args = [*[o for o in run.overrides if not o.startswith("publish_to")], f"publish_to={tmp_path / 'models'}",
-            f"hydra.run.dir={out}"]
+    args = [
+        *[o for o in run.overrides if not o.startswith("publish_to")],
+        f"publish_to={tmp_path / 'models'}",
+        f"hydra.run.dir={out}",
+    ]
     assert hydra_main(train_module, args, monkeypatch) == 2
     assert "is a folder" in "".join(capsys.readouterr()) and not (out / "metrics.jsonl").exists()
 

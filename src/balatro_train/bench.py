@@ -96,15 +96,23 @@ def run_benchmark(cfg, steps: int) -> dict:
         runner = trained.seen / (time.perf_counter() - started)
 
     return {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "torch": torch.__version__},
-        "settings": {"backbone": cfg.model.backbone, "freeze": list(cfg.freeze.trainable or []) if
-                     cfg.freeze.trainable is not None else "none", "image_size": size, "batch_size": batch,
-                     "precision": str(run.precision or torch.float32).replace("torch.", ""),
-                     "channels_last": cfg.trainer.channels_last, "compile": cfg.trainer.compile,
-                     "train_images": len(data.train),
-                     "num_workers": train_loader.num_workers},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+        },
+        "settings": {
+            "backbone": cfg.model.backbone,
+            "freeze": list(cfg.freeze.trainable or []) if cfg.freeze.trainable is not None else "none",
+            "image_size": size,
+            "batch_size": batch,
+            "precision": str(run.precision or torch.float32).replace("torch.", ""),
+            "channels_last": cfg.trainer.channels_last,
+            "compile": cfg.trainer.compile,
+            "train_images": len(data.train),
+            "num_workers": train_loader.num_workers,
+        },
         "images_per_sec": {"bare_step": round(bare, 1), "pipeline": round(pipeline, 1), "runner": round(runner, 1)},
         "pipeline_ms_per_image": round(1000 / pipeline, 3),  # with no worker process: CPU time of one core
         "ratios": {"runner_over_bare": round(runner / bare, 3), "pipeline_over_model": round(pipeline / bare, 2)},
@@ -119,18 +127,25 @@ def synchronize(device: torch.device) -> None:
 
 def print_table(report: dict) -> None:
     s, r, q = report["settings"], report["images_per_sec"], report["ratios"]
-    print(f"{s['backbone']} freeze={s['freeze']} {s['image_size']}px batch {s['batch_size']} {s['precision']}"
-          f" channels_last={s['channels_last']} compile={s['compile']} on {report['machine']['device']}, "
-          f"{report['machine']['threads']} threads")
+    print(
+        f"{s['backbone']} freeze={s['freeze']} {s['image_size']}px batch {s['batch_size']} {s['precision']}"
+        f" channels_last={s['channels_last']} compile={s['compile']} on {report['machine']['device']}, "
+        f"{report['machine']['threads']} threads"
+    )
     print(f"| {'measure':<24} | {'images/s':>9} |")
     print(f"|{'-' * 26}|{'-' * 11}|")
-    for name, value in (("bare step", r["bare_step"]), ("data pipeline alone", r["pipeline"]),
-                        ("runner epoch", r["runner"])):
+    for name, value in (
+        ("bare step", r["bare_step"]),
+        ("data pipeline alone", r["pipeline"]),
+        ("runner epoch", r["runner"]),
+    ):
         print(f"| {name:<24} | {value:>9.1f} |")
     if s["num_workers"] == 0:
         print(f"data pipeline: {report['pipeline_ms_per_image']:.3f} ms of one core per image")
-    print(f"runner / bare step: {q['runner_over_bare']:.3f}   pipeline / model: {q['pipeline_over_model']:.2f}x"
-          f"   (one-off decode: {report['decode_seconds_once']} s)")
+    print(
+        f"runner / bare step: {q['runner_over_bare']:.3f}   pipeline / model: {q['pipeline_over_model']:.2f}x"
+        f"   (one-off decode: {report['decode_seconds_once']} s)"
+    )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, ValidationError
@@ -26,7 +26,7 @@ class DatasetConfig:
     augmented_labels_files: list[str] = field(default_factory=list)
     root: str = "."
     # A `_target_` node called before reading the files (the demo renders its set there).
-    render: Optional[Any] = None
+    render: Any | None = None
 
 
 @dataclass
@@ -65,8 +65,8 @@ class TaskConfig:
     field: str = "name"
     class_weights: dict[str, float] = dataclasses.field(default_factory=dict)
     label_smoothing: float = 0.1
-    head: str = "linear"          # a name in `heads` (conf/heads/standard.yaml)
-    accept_known: float = 0.95    # embedding heads: share of known validation images "unknown" must accept
+    head: str = "linear"  # a name in `heads` (conf/heads/standard.yaml)
+    accept_known: float = 0.95  # embedding heads: share of known validation images "unknown" must accept
     colour_invariant: bool = False  # the label survives a hue rotation or an inversion (data.recolour)
     metrics: dict[str, Any] = dataclasses.field(default_factory=dict)  # `field` is taken above
 
@@ -74,9 +74,9 @@ class TaskConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    resume: Optional[str] = None
-    init_from: Optional[str] = None
-    publish_to: Optional[str] = "data/models/best_model.pt"
+    resume: str | None = None
+    init_from: str | None = None
+    publish_to: str | None = "data/models/best_model.pt"
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -111,8 +111,11 @@ def upgrade_saved_config(config: dict) -> dict:
     those runs used). A config in today's keys comes back equal to `config`; `config` is never changed."""
     upgraded = copy.deepcopy(config)
     tasks = upgraded.get("tasks") or {}
-    old_keys = [{key: task.pop(key) for key in PER_TASK_PIPELINE_KEYS if key in task}
-                for task in tasks.values() if isinstance(task, dict)]
+    old_keys = [
+        {key: task.pop(key) for key in PER_TASK_PIPELINE_KEYS if key in task}
+        for task in tasks.values()
+        if isinstance(task, dict)
+    ]
     if old_keys:
         data = upgraded.setdefault("data", {})
         for key, value in old_keys[0].items():
@@ -151,9 +154,12 @@ def check_config(cfg) -> None:
     t, d = cfg.trainer, cfg.data
     if not cfg.tasks:
         raise UserError("no task selected: choose one with task=identification|modifier|multi")
-    for key, value in (("trainer.epochs", t.epochs), ("trainer.batch_size", t.batch_size),
-                       ("trainer.checkpoint_interval", t.checkpoint_interval),
-                       ("trainer.log_every_n_steps", t.log_every_n_steps)):
+    for key, value in (
+        ("trainer.epochs", t.epochs),
+        ("trainer.batch_size", t.batch_size),
+        ("trainer.checkpoint_interval", t.checkpoint_interval),
+        ("trainer.log_every_n_steps", t.log_every_n_steps),
+    ):
         if value < 1:
             raise UserError(f"{key}={value} must be at least 1")
     if t.patience < 0:
@@ -170,15 +176,21 @@ def check_config(cfg) -> None:
         raise UserError(f"data.recolour={d.recolour} must lie between 0 (off) and 1")
     reads_colour = [name for name, task in cfg.tasks.items() if not task.colour_invariant]
     if d.recolour == 1.0 and 0 < len(reads_colour) < len(cfg.tasks):  # every image recoloured, so skipped by these
-        raise UserError(f"data.recolour=1.0 leaves task {reads_colour[0]} (not colour-invariant) no image to "
-                        "learn from: use a share below 1")
+        raise UserError(
+            f"data.recolour=1.0 leaves task {reads_colour[0]} (not colour-invariant) no image to "
+            "learn from: use a share below 1"
+        )
     if d.recolour and d.recolour_transforms not in cfg.transforms:
-        raise UserError(f"data.recolour_transforms={d.recolour_transforms} is not a pipeline of transforms "
-                        f"(available: {', '.join(cfg.transforms)})")
+        raise UserError(
+            f"data.recolour_transforms={d.recolour_transforms} is not a pipeline of transforms "
+            f"(available: {', '.join(cfg.transforms)})"
+        )
     if d.on_bad_image not in ("error", "skip"):
         raise UserError(f"data.on_bad_image={d.on_bad_image} must be error or skip")
     if t.batch_size < 2:
-        raise UserError(f"trainer.batch_size={t.batch_size}: BatchNorm needs at least 2 images per batch; use 2 or more")
+        raise UserError(
+            f"trainer.batch_size={t.batch_size}: BatchNorm needs at least 2 images per batch; use 2 or more"
+        )
     if t.precision not in PRECISIONS:
         raise UserError(f"trainer.precision={t.precision} is not one of {', '.join(PRECISIONS)}")
     if t.combine_losses not in COMBINE_RULES:
@@ -192,11 +204,13 @@ def check_config(cfg) -> None:
     for key in ("train_transforms", "val_transforms"):
         pipeline = d[key]
         if pipeline not in cfg.transforms:
-            raise UserError(f"data.{key}={pipeline} is not a pipeline of transforms "
-                            f"(available: {', '.join(cfg.transforms)})")
+            raise UserError(
+                f"data.{key}={pipeline} is not a pipeline of transforms (available: {', '.join(cfg.transforms)})"
+            )
     for name, task in cfg.tasks.items():
         if task.head not in cfg.heads and task.head != "linear":
             raise UserError(f"tasks.{name}.head={task.head} is not one of the heads ({', '.join(cfg.heads)})")
         if not 0.0 < task.accept_known < 1.0:
-            raise UserError(f"tasks.{name}.accept_known={task.accept_known} must lie strictly between 0 and 1, "
-                            f"e.g. 0.95")
+            raise UserError(
+                f"tasks.{name}.accept_known={task.accept_known} must lie strictly between 0 and 1, e.g. 0.95"
+            )

@@ -19,6 +19,7 @@ import random
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -51,9 +52,8 @@ def load_images(samples: list[Sample], size: int, background) -> tuple[np.ndarra
     images = np.zeros((len(samples), size, size, 3), dtype=np.uint8)
     bad = {}
     with ThreadPoolExecutor(max_workers=4) as pool:  # PIL releases the GIL while decoding
-        results = tqdm(pool.map(load, samples), total=len(samples), desc="decoding images", leave=False,
-                       disable=None)
-        for i, (sample, result) in enumerate(zip(samples, results)):
+        results = tqdm(pool.map(load, samples), total=len(samples), desc="decoding images", leave=False, disable=None)
+        for i, (sample, result) in enumerate(zip(samples, results, strict=True)):
             if isinstance(result, str):
                 bad[sample.file] = f"{sample.path}: {result}"
             else:
@@ -61,8 +61,9 @@ def load_images(samples: list[Sample], size: int, background) -> tuple[np.ndarra
     return images, bad
 
 
-def split_samples(originals: list[Sample], augmented: list[Sample], field: str, val_split: float,
-                  seed: int) -> tuple[list[str], list[str]]:
+def split_samples(
+    originals: list[Sample], augmented: list[Sample], field: str, val_split: float, seed: int
+) -> tuple[list[str], list[str]]:
     """Stratified split by `field`; returns (train files, validation files).
 
     Each class sends round(val_split * n) of its originals to validation, at least one when
@@ -96,8 +97,10 @@ def hold_out_cards(originals: list[Sample], field: str, cards: int, seed: int) -
         by_class[str(sample.meta[field])].append(sample.file)
     eligible = sorted(label for label, files in by_class.items() if len(files) >= 4)
     if len(eligible) < cards:
-        raise UserError(f"data.held_out_cards={cards}: only {len(eligible)} cards have the 4 or more screenshots "
-                        f"a held-out card needs; hold out fewer")
+        raise UserError(
+            f"data.held_out_cards={cards}: only {len(eligible)} cards have the 4 or more screenshots "
+            f"a held-out card needs; hold out fewer"
+        )
     chosen = np.random.default_rng([seed, 7]).choice(len(eligible), cards, replace=False)
     return sorted(file for i in chosen for file in by_class[eligible[i]])
 
@@ -108,6 +111,7 @@ class Recolouring:
     image is also passed through `pipeline` (a hue rotation or a colour inversion, which would turn one
     edition into another), and the tasks in `ignored_by` (the modifier) skip that image (target IGNORE)
     while the others (the card's identity) learn that a Polychrome or Negative card is still that card."""
+
     pipeline: object
     p: float
     ignored_by: tuple[str, ...]
@@ -121,8 +125,9 @@ class CardDataset(Dataset):
     processes, and an interrupted run resumes with exactly the same augmentations.
     """
 
-    def __init__(self, images: np.ndarray, targets: dict[str, torch.Tensor], pipeline,
-                 recolouring: Recolouring | None = None):
+    def __init__(
+        self, images: np.ndarray, targets: dict[str, torch.Tensor], pipeline, recolouring: Recolouring | None = None
+    ):
         self.images, self.targets, self.pipeline, self.recolouring = images, targets, pipeline, recolouring
 
     def __len__(self) -> int:
@@ -173,11 +178,11 @@ class EpochSampler(Sampler):
         else:
             order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
         seeds = torch.randint(0, 2**31 - 1, (self.num_samples,), generator=generator)
-        draws = list(zip(order.tolist(), seeds.tolist()))
+        draws = list(zip(order.tolist(), seeds.tolist(), strict=True))
         if self.world > 1:  # every process draws the same epoch and takes its share, padded to equal length
             draws += draws[: math.ceil(len(draws) / self.world) * self.world - len(draws)]
             draws = self.process.shard(draws)
-        return iter(draws[self.start:])
+        return iter(draws[self.start :])
 
 
 def balanced_weights(labels: list[str]) -> torch.Tensor:
@@ -190,15 +195,14 @@ def balanced_weights(labels: list[str]) -> torch.Tensor:
 class Data:
     train: CardDataset
     val: CardDataset
-    class_names: dict[str, list[str]]     # per task, in label-index order
-    split: dict[str, list[str]]           # {"train": [...], "val": [...]} file names
-    train_labels: list[str]               # the stratifying task's label of each training sample
-    skipped: dict[str, str]               # unreadable images left out (data.on_bad_image=skip)
-    preprocessing: Preprocessing          # how validation prepared its images: what inference must do
+    class_names: dict[str, list[str]]  # per task, in label-index order
+    split: dict[str, list[str]]  # {"train": [...], "val": [...]} file names
+    train_labels: list[str]  # the stratifying task's label of each training sample
+    skipped: dict[str, str]  # unreadable images left out (data.on_bad_image=skip)
+    preprocessing: Preprocessing  # how validation prepared its images: what inference must do
 
 
-def build_data(cfg, class_names: dict[str, list[str]] | None = None,
-               split: dict[str, list[str]] | None = None) -> Data:
+def build_data(cfg, class_names: dict[str, list[str]] | None = None, split: dict[str, list[str]] | None = None) -> Data:
     """Read the labels, decode every image once, split (or reuse a saved split), index the classes.
 
     `class_names` and `split` are a checkpoint's (init_from, resume): the classes its heads know and
@@ -209,13 +213,21 @@ def build_data(cfg, class_names: dict[str, list[str]] | None = None,
     class_names, targets = index_classes(cfg.tasks, chosen, class_names, cfg.dataset.labels_file)
     train, val, preprocessing = build_datasets(cfg, decoded, chosen, targets)
     field = stratifying_field(cfg.tasks)
-    return Data(train, val, class_names, chosen.split, [str(s.meta[field]) for s in chosen.train],
-                skipped=decoded.bad, preprocessing=preprocessing)
+    return Data(
+        train,
+        val,
+        class_names,
+        chosen.split,
+        [str(s.meta[field]) for s in chosen.train],
+        skipped=decoded.bad,
+        preprocessing=preprocessing,
+    )
 
 
 @dataclass
 class Labelled:
     """The labels files' samples: the originals, and augmented copies of some of them."""
+
     originals: list[Sample]
     augmented: list[Sample]
 
@@ -228,6 +240,7 @@ class Labelled:
 class Decoded:
     """Every labelled image decoded once (`images`, a sample's row in `row[file]`), and the samples whose
     image could be read (`usable`); `bad`: {file: problem} for the others, left out (data.on_bad_image)."""
+
     images: np.ndarray
     row: dict[str, int]
     bad: dict[str, str]
@@ -238,6 +251,7 @@ class Decoded:
 class ChosenSplit:
     """The run's split ({"train", "val", "held_out"} file names) and its samples; `labelled`: the usable
     samples less the held-out cards, whose classes every task must know and train on."""
+
     split: dict[str, list[str]]
     train: list[Sample]
     val: list[Sample]
@@ -258,14 +272,17 @@ def read_samples(ds, tasks, check_classes: bool) -> Labelled:
     augmented = [s for f in ds.augmented_labels_files for s in read_labels(f, ds.root, augmented=True)]
     check_fields(originals + augmented, tasks, [ds.labels_file, *ds.augmented_labels_files])
     if check_classes:  # before decoding every image: the labels alone decide it (a checkpoint's classes: later)
-        refuse_single_class_tasks({task: class_names_of(originals + augmented, t.field) for task, t in tasks.items()},
-                                  tasks, ds.labels_file)
+        refuse_single_class_tasks(
+            {task: class_names_of(originals + augmented, t.field) for task, t in tasks.items()}, tasks, ds.labels_file
+        )
     check_unique_files(originals + augmented)
     known = {sample.file for sample in originals}
     for sample in augmented:
         if sample.parent not in known:
-            raise UserError(f"augmented image {sample.file!r} names parent {sample.parent!r}, which "
-                            f"{ds.labels_file} does not list; fix its 'parent' or add the original")
+            raise UserError(
+                f"augmented image {sample.file!r} names parent {sample.parent!r}, which "
+                f"{ds.labels_file} does not list; fix its 'parent' or add the original"
+            )
     return Labelled(originals, augmented)
 
 
@@ -280,8 +297,9 @@ def decode_samples(labelled: Labelled, data_cfg, labels_file: str) -> Decoded:
         raise UserError(f"{first}{more}; fix or remove it, or set data.on_bad_image=skip to train without it")
     for problem in bad.values():
         log.warning("skipping %s", problem)
-    usable = Labelled([s for s in labelled.originals if s.file not in bad],
-                      [s for s in labelled.augmented if s.file not in bad])
+    usable = Labelled(
+        [s for s in labelled.originals if s.file not in bad], [s for s in labelled.augmented if s.file not in bad]
+    )
     if not usable.originals:
         raise UserError(f"{labels_file}: no usable original image is left; label some images first")
     # Rows index the array of every labelled image, the bad ones' black rows included.
@@ -292,13 +310,19 @@ def choose_split(usable: Labelled, cfg, saved: dict[str, list[str]] | None) -> C
     """Stage 3, splitting: the held-out cards (data.held_out_cards) leave, then the rest is split by the
     stratifying task's classes (data.val_split, seed), or as the `saved` split (a resume) says."""
     field = stratifying_field(cfg.tasks)
-    held_out = set(saved.get("held_out", []) if saved else
-                   hold_out_cards(usable.originals, field, cfg.data.held_out_cards, cfg.seed))
-    labelled = Labelled([s for s in usable.originals if s.file not in held_out],
-                        [s for s in usable.augmented if s.parent not in held_out])
+    held_out = set(
+        saved.get("held_out", [])
+        if saved
+        else hold_out_cards(usable.originals, field, cfg.data.held_out_cards, cfg.seed)
+    )
+    labelled = Labelled(
+        [s for s in usable.originals if s.file not in held_out],
+        [s for s in usable.augmented if s.parent not in held_out],
+    )
     if saved is None:
-        train_files, val_files = split_samples(labelled.originals, labelled.augmented, field, cfg.data.val_split,
-                                               cfg.seed)
+        train_files, val_files = split_samples(
+            labelled.originals, labelled.augmented, field, cfg.data.val_split, cfg.seed
+        )
         split = {"train": train_files, "val": val_files, "held_out": sorted(held_out)}
     else:
         split = saved
@@ -306,16 +330,20 @@ def choose_split(usable: Labelled, cfg, saved: dict[str, list[str]] | None) -> C
     by_file = {s.file: s for s in labelled.samples}
     missing = [f for f in split["train"] + split["val"] if f not in by_file]
     if missing:
-        raise UserError(f"the saved split lists {len(missing)} images that are missing or unreadable now "
-                        f"(e.g. {missing[0]!r}); resume with the same dataset")
+        raise UserError(
+            f"the saved split lists {len(missing)} images that are missing or unreadable now "
+            f"(e.g. {missing[0]!r}); resume with the same dataset"
+        )
     if not split["val"]:
-        raise UserError("no class has two or more original images, so nothing is left to validate "
-                        "on; label more images per card")
+        raise UserError(
+            "no class has two or more original images, so nothing is left to validate on; label more images per card"
+        )
     return ChosenSplit(split, [by_file[f] for f in split["train"]], [by_file[f] for f in split["val"]], labelled)
 
 
-def index_classes(tasks, chosen: ChosenSplit, class_names: dict[str, list[str]] | None,
-                  labels_file: str) -> tuple[dict[str, list[str]], dict[str, dict[str, torch.Tensor]]]:
+def index_classes(
+    tasks, chosen: ChosenSplit, class_names: dict[str, list[str]] | None, labels_file: str
+) -> tuple[dict[str, list[str]], dict[str, dict[str, torch.Tensor]]]:
     """Stage 4, class indexing: each task's class names (the labels', or a checkpoint's `class_names`) and
     its targets, {task: {"train": tensor, "val": tensor}} of class indices, once every class checks out."""
     if class_names is None:
@@ -325,8 +353,10 @@ def index_classes(tasks, chosen: ChosenSplit, class_names: dict[str, list[str]] 
     for task, t in tasks.items():
         index = {name: i for i, name in enumerate(class_names[task])}
         check_task_classes(task, t.field, index, chosen)
-        targets[task] = {part: torch.tensor([index[str(s.meta[t.field])] for s in samples])
-                         for part, samples in (("train", chosen.train), ("val", chosen.val))}
+        targets[task] = {
+            part: torch.tensor([index[str(s.meta[t.field])] for s in samples])
+            for part, samples in (("train", chosen.train), ("val", chosen.val))
+        }
     return dict(class_names), targets
 
 
@@ -335,36 +365,53 @@ def check_task_classes(task: str, field: str, index: dict[str, int], chosen: Cho
     logs those with no validation image."""
     unknown = sorted({str(s.meta[field]) for s in chosen.train + chosen.val} - index.keys())
     if unknown:
-        raise UserError(f"task {task}: the data has classes the checkpoint does not know: "
-                        f"{', '.join(unknown[:10])}; train without init_from/resume or fix the labels")
+        raise UserError(
+            f"task {task}: the data has classes the checkpoint does not know: "
+            f"{', '.join(unknown[:10])}; train without init_from/resume or fix the labels"
+        )
     # Every class the labels hold must train, including one seen only on an augmented copy of
     # a validation image (such copies never train): the head could never learn it.
     labelled = {str(s.meta[field]) for s in chosen.labelled.samples}
     untrained = sorted(labelled - {str(s.meta[field]) for s in chosen.train})
     if untrained:
-        raise UserError(f"task {task}: classes with no training sample after the split: "
-                        f"{', '.join(untrained[:10])}; label more images of them or lower data.val_split")
+        raise UserError(
+            f"task {task}: classes with no training sample after the split: "
+            f"{', '.join(untrained[:10])}; label more images of them or lower data.val_split"
+        )
     unvalidated = sorted(labelled - {str(s.meta[field]) for s in chosen.val})
     if unvalidated:
-        log.info("task %s: %d of %d classes have no validation image (too few originals): %s%s", task,
-                 len(unvalidated), len(labelled), ", ".join(unvalidated[:5]),
-                 ", ..." if len(unvalidated) > 5 else "")
+        log.info(
+            "task %s: %d of %d classes have no validation image (too few originals): %s%s",
+            task,
+            len(unvalidated),
+            len(labelled),
+            ", ".join(unvalidated[:5]),
+            ", ..." if len(unvalidated) > 5 else "",
+        )
 
 
-def build_datasets(cfg, decoded: Decoded, chosen: ChosenSplit,
-                   targets: dict[str, dict[str, torch.Tensor]]) -> tuple[CardDataset, CardDataset, Preprocessing]:
+def build_datasets(
+    cfg, decoded: Decoded, chosen: ChosenSplit, targets: dict[str, dict[str, torch.Tensor]]
+) -> tuple[CardDataset, CardDataset, Preprocessing]:
     """Stage 5, dataset building: training images through transforms.<data.train_transforms> (and
     data.recolour), validation images through transforms.<data.val_transforms>, which the Preprocessing
     records for inference. One pipeline of each for every task: one image feeds every head."""
     from hydra.utils import instantiate
 
-    preprocessing = Preprocessing.of_run(cfg.data.image_size, cfg.data.background,
-                                         instantiate(cfg.transforms[cfg.data.val_transforms]))
-    train = CardDataset(decoded.images[[decoded.row[s.file] for s in chosen.train]],
-                        {task: t["train"] for task, t in targets.items()},
-                        instantiate(cfg.transforms[cfg.data.train_transforms]), recolouring(cfg))
-    val = CardDataset(decoded.images[[decoded.row[s.file] for s in chosen.val]],
-                      {task: t["val"] for task, t in targets.items()}, preprocessing.pipeline())
+    preprocessing = Preprocessing.of_run(
+        cfg.data.image_size, cfg.data.background, instantiate(cfg.transforms[cfg.data.val_transforms])
+    )
+    train = CardDataset(
+        decoded.images[[decoded.row[s.file] for s in chosen.train]],
+        {task: t["train"] for task, t in targets.items()},
+        instantiate(cfg.transforms[cfg.data.train_transforms]),
+        recolouring(cfg),
+    )
+    val = CardDataset(
+        decoded.images[[decoded.row[s.file] for s in chosen.val]],
+        {task: t["val"] for task, t in targets.items()},
+        preprocessing.pipeline(),
+    )
     return train, val, preprocessing
 
 
@@ -374,9 +421,11 @@ def refuse_single_class_tasks(class_names: dict[str, list[str]], tasks, labels_f
         if len(names) == 1:
             others = [other for other in tasks if other != task]
             instead = f"task={others[0]}" if others else "another task=..."
-            raise UserError(f"task {task}: every image in {labels_file} has {tasks[task].field}={names[0]!r}, and a "
-                            f"task needs two classes or more; label other {tasks[task].field} values, or train "
-                            f"without it ({instead})")
+            raise UserError(
+                f"task {task}: every image in {labels_file} has {tasks[task].field}={names[0]!r}, and a "
+                f"task needs two classes or more; label other {tasks[task].field} values, or train "
+                f"without it ({instead})"
+            )
 
 
 def warn_unsplit(samples: list[Sample], split: dict[str, list[str]]) -> None:
@@ -384,9 +433,13 @@ def warn_unsplit(samples: list[Sample], split: dict[str, list[str]]) -> None:
     listed = {*split["train"], *split["val"]}
     new = [s.file for s in samples if s.file not in listed]
     if new:
-        log.warning("%d images labelled since this run's split (e.g. %r) are left out: a resume trains on the "
-                    "images it started with; to train on them too, start a new stage from the checkpoint with "
-                    "init_from= instead of resume=", len(new), new[0])
+        log.warning(
+            "%d images labelled since this run's split (e.g. %r) are left out: a resume trains on the "
+            "images it started with; to train on them too, start a new stage from the checkpoint with "
+            "init_from= instead of resume=",
+            len(new),
+            new[0],
+        )
 
 
 def recolouring(cfg) -> Recolouring | None:
@@ -396,8 +449,11 @@ def recolouring(cfg) -> Recolouring | None:
     invariant = [task for task, t in cfg.tasks.items() if t.colour_invariant]
     if not cfg.data.recolour or not invariant:
         return None
-    return Recolouring(instantiate(cfg.transforms[cfg.data.recolour_transforms]), cfg.data.recolour,
-                       tuple(task for task in cfg.tasks if task not in invariant))
+    return Recolouring(
+        instantiate(cfg.transforms[cfg.data.recolour_transforms]),
+        cfg.data.recolour,
+        tuple(task for task in cfg.tasks if task not in invariant),
+    )
 
 
 def make_loaders(cfg, data: Data, process: Process = ALONE) -> tuple[DataLoader, DataLoader]:
@@ -413,10 +469,16 @@ def make_loaders(cfg, data: Data, process: Process = ALONE) -> tuple[DataLoader,
     # Their own generator: a DataLoader draws a seed for every new iterator, and drawing it from torch's
     # global RNG would shift what the model's Dropout draws after a resume mid-epoch (the sampler and
     # the per-image seeds carry the data's randomness; workers need none of their own).
-    common = dict(batch_size=cfg.trainer.batch_size // world, num_workers=workers, persistent_workers=workers > 0,
-                  pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    common = dict(
+        batch_size=cfg.trainer.batch_size // world,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     # A last batch of one image would stop BatchNorm ("expected more than 1 value per channel"): drop it.
     lonely_last = math.ceil(len(data.train) / world) % common["batch_size"] == 1
-    train_loader = DataLoader(data.train, sampler=EpochSampler(len(data.train), cfg.seed, weights, process),
-                              drop_last=lonely_last, **common)
+    train_loader = DataLoader(
+        data.train, sampler=EpochSampler(len(data.train), cfg.seed, weights, process), drop_last=lonely_last, **common
+    )
     return train_loader, DataLoader(Subset(data.val, process.shard(range(len(data.val)))), **common)

@@ -24,15 +24,31 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from balatro_train.demo_cards import (EDITIONS, FRAME, STYLES, augment, card_sprite, catalogue, pick_cards,
-                                      plan_collection, screenshot, shows_name)
+from balatro_train.demo_cards import (
+    EDITIONS,
+    FRAME,
+    STYLES,
+    augment,
+    card_sprite,
+    catalogue,
+    pick_cards,
+    plan_collection,
+    screenshot,
+    shows_name,
+)
 from balatro_train.errors import UserError
 
 __all__ = ["EDITIONS", "catalogue", "ensure_rendered", "write_contact_sheet", "main"]
 
 
-def ensure_rendered(out_dir: str, num_cards: int = 48, samples_per_card: float = 40, augmented_per_card: int = 10,
-                    seed: int = 0, style: str = "easy") -> str:
+def ensure_rendered(
+    out_dir: str,
+    num_cards: int = 48,
+    samples_per_card: float = 40,
+    augmented_per_card: int = 10,
+    seed: int = 0,
+    style: str = "easy",
+) -> str:
     """Render the set into `out_dir` unless it is there already; returns out_dir.
 
     The folder's name must carry every setting (the configs build it from them), so that a changed
@@ -41,8 +57,13 @@ def ensure_rendered(out_dir: str, num_cards: int = 48, samples_per_card: float =
     so a second process (a parallel sweep job) never sees half a set: it renders its own copy and
     the first rename wins.
     """
-    settings = {"style": style, "num_cards": num_cards, "samples_per_card": samples_per_card,
-                "augmented_per_card": augmented_per_card, "seed": seed}
+    settings = {
+        "style": style,
+        "num_cards": num_cards,
+        "samples_per_card": samples_per_card,
+        "augmented_per_card": augmented_per_card,
+        "seed": seed,
+    }
     check_settings(settings)
     target = Path(out_dir)
     if (target / "augmented" / "augmented.json").is_file():
@@ -68,17 +89,18 @@ def check_settings(settings: dict) -> None:
     if settings["samples_per_card"] < 1:
         raise UserError(f"dataset.render.samples_per_card={settings['samples_per_card']} must be at least 1")
     if settings["num_cards"] < 1 or settings["augmented_per_card"] < 0:
-        raise UserError("dataset.render.num_cards must be at least 1 and dataset.render.augmented_per_card "
-                        "0 or more")
+        raise UserError("dataset.render.num_cards must be at least 1 and dataset.render.augmented_per_card 0 or more")
 
 
 def check_same_settings(target: Path, settings: dict) -> None:
     """A set rendered before render.json existed is reused as it is: nothing to compare with."""
     stamp = target / "render.json"
     if stamp.is_file() and json.loads(stamp.read_text()) != json.loads(json.dumps(settings)):
-        raise UserError(f"{target} holds a demo set rendered with other settings ({stamp.read_text().strip()}), "
-                        f"not {json.dumps(settings)}; name dataset.render.out_dir after every setting, "
-                        f"or delete the folder")
+        raise UserError(
+            f"{target} holds a demo set rendered with other settings ({stamp.read_text().strip()}), "
+            f"not {json.dumps(settings)}; name dataset.render.out_dir after every setting, "
+            f"or delete the folder"
+        )
 
 
 def render(folder: Path, out_dir: str, settings: dict) -> None:
@@ -98,14 +120,19 @@ def render(folder: Path, out_dir: str, settings: dict) -> None:
     labels, augmented = {}, {}
     num_augmented = settings["augmented_per_card"] * len(cards)
     progress = tqdm(total=int(sum(counts)) + num_augmented, desc="rendering the demo set", disable=None)
-    for index, (card, count) in enumerate(zip(cards, counts)):
+    for index, (card, count) in enumerate(zip(cards, counts, strict=True)):
         sprite = card_sprite(card, seed, named=shows_name(card[1], style))
         for k in range(int(count)):
             edition = planned[index][k] if planned is not None else editions[int(rng.choice(len(editions), p=weights))]
             file = f"card{index:03d}_s{k:02d}.png"
             screenshot(sprite, edition, rng, style).save(folder / "dataset_default" / file, compress_level=1)
-            labels[file] = {"name": card[0], "type": card[1], "rarity": card[2], "modifier": edition,
-                            "full_path": f"{out_dir}/dataset_default/{file}"}
+            labels[file] = {
+                "name": card[0],
+                "type": card[1],
+                "rarity": card[2],
+                "modifier": edition,
+                "full_path": f"{out_dir}/dataset_default/{file}",
+            }
             progress.update()
     # Offline augmentations favour rare cards and rare editions, as users balance their sets.
     files = list(labels)
@@ -121,8 +148,12 @@ def render(folder: Path, out_dir: str, settings: dict) -> None:
         image, how = augment(Image.open(folder / "dataset_default" / parent), rng)
         file = f"aug{k:04d}_{parent}"
         image.save(folder / "augmented" / file, compress_level=1)
-        augmented[file] = {**labels[parent], "full_path": f"{out_dir}/augmented/{file}", "parent": parent,
-                           "augmentation": how}
+        augmented[file] = {
+            **labels[parent],
+            "full_path": f"{out_dir}/augmented/{file}",
+            "parent": parent,
+            "augmentation": how,
+        }
         progress.update()
     progress.close()
     (folder / "dataset_default" / "labels.json").write_text(json.dumps(labels, indent=1))
@@ -171,12 +202,19 @@ def summary(labels: dict) -> dict:
         per_card.setdefault(meta["name"], []).append(meta)
     counts = np.array([len(shots) for shots in per_card.values()])
     types = [shots[0]["type"] for shots in per_card.values()]
-    return {"cards": len(per_card), "cards_per_type": {t: types.count(t) for t in FRAME},
-            "screenshots": len(labels), "per_card_min": int(counts.min()), "per_card_mean": float(counts.mean()),
-            "per_card_max": int(counts.max()), "cards_seen_once": int((counts == 1).sum()),
-            "cards_per_edition": {e: sum(any(m["modifier"] == e for m in shots) for shots in per_card.values())
-                                  for e in EDITIONS},
-            "screenshots_per_edition": {e: sum(m["modifier"] == e for m in labels.values()) for e in EDITIONS}}
+    return {
+        "cards": len(per_card),
+        "cards_per_type": {t: types.count(t) for t in FRAME},
+        "screenshots": len(labels),
+        "per_card_min": int(counts.min()),
+        "per_card_mean": float(counts.mean()),
+        "per_card_max": int(counts.max()),
+        "cards_seen_once": int((counts == 1).sum()),
+        "cards_per_edition": {
+            e: sum(any(m["modifier"] == e for m in shots) for shots in per_card.values()) for e in EDITIONS
+        },
+        "screenshots_per_edition": {e: sum(m["modifier"] == e for m in labels.values()) for e in EDITIONS},
+    }
 
 
 def preset(dataset: str) -> dict:
@@ -190,8 +228,10 @@ def preset(dataset: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Render a demo dataset (and a contact sheet to look at) with the "
-                                                 "settings of a dataset config; options override them.")
+    parser = argparse.ArgumentParser(
+        description="Render a demo dataset (and a contact sheet to look at) with the "
+        "settings of a dataset config; options override them."
+    )
     parser.add_argument("--dataset", default="demo", help="demo (the default, real-scale set) or demo_easy")
     parser.add_argument("--style", choices=STYLES)
     parser.add_argument("--num-cards", type=int)
@@ -199,8 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--augmented-per-card", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--out-dir", help="default: the folder the training config uses for these settings")
-    parser.add_argument("--preview", nargs="?", const="", metavar="PNG",
-                        help="also write a contact sheet (default: <out-dir>/contact_sheet.png)")
+    parser.add_argument(
+        "--preview",
+        nargs="?",
+        const="",
+        metavar="PNG",
+        help="also write a contact sheet (default: <out-dir>/contact_sheet.png)",
+    )
     args = parser.parse_args(argv)
     render = OmegaConf.create(preset(args.dataset))
     for key in ("style", "num_cards", "samples_per_card", "augmented_per_card", "seed"):

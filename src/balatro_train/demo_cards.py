@@ -18,18 +18,69 @@ from PIL import Image, ImageDraw, ImageFont
 
 STYLES = ("easy", "collection")
 EDITIONS = {"Base": 0.50, "Foil": 0.16, "Holographic": 0.14, "Polychrome": 0.12, "Negative": 0.08}  # easy
-TAROTS = ["The Fool", "The Magician", "The High Priestess", "The Empress", "The Emperor", "The Hierophant",
-          "The Lovers", "The Chariot", "Justice", "The Hermit", "The Wheel of Fortune", "Strength", "The Hanged Man",
-          "Death", "Temperance", "The Devil", "The Tower", "The Star", "The Moon", "The Sun", "Judgement", "The World"]
-PLANETS = ["Mercury", "Venus", "Earth", "Mars", "Jupiter", "Saturn", "Uranus", "Neptune", "Pluto", "Planet X",
-           "Ceres", "Eris"]
-SPECTRALS = ["Familiar", "Grim", "Incantation", "Talisman", "Aura", "Wraith", "Sigil", "Ouija", "Ectoplasm",
-             "Immolate", "Ankh", "Deja Vu", "Hex", "Trance", "Medium", "Cryptid", "The Soul", "Black Hole"]
+TAROTS = [
+    "The Fool",
+    "The Magician",
+    "The High Priestess",
+    "The Empress",
+    "The Emperor",
+    "The Hierophant",
+    "The Lovers",
+    "The Chariot",
+    "Justice",
+    "The Hermit",
+    "The Wheel of Fortune",
+    "Strength",
+    "The Hanged Man",
+    "Death",
+    "Temperance",
+    "The Devil",
+    "The Tower",
+    "The Star",
+    "The Moon",
+    "The Sun",
+    "Judgement",
+    "The World",
+]
+PLANETS = [
+    "Mercury",
+    "Venus",
+    "Earth",
+    "Mars",
+    "Jupiter",
+    "Saturn",
+    "Uranus",
+    "Neptune",
+    "Pluto",
+    "Planet X",
+    "Ceres",
+    "Eris",
+]
+SPECTRALS = [
+    "Familiar",
+    "Grim",
+    "Incantation",
+    "Talisman",
+    "Aura",
+    "Wraith",
+    "Sigil",
+    "Ouija",
+    "Ectoplasm",
+    "Immolate",
+    "Ankh",
+    "Deja Vu",
+    "Hex",
+    "Trance",
+    "Medium",
+    "Cryptid",
+    "The Soul",
+    "Black Hole",
+]
 FRAME = {"Joker": (214, 160, 60), "Tarot": (160, 100, 200), "Planet": (70, 175, 200), "Spectral": (60, 90, 210)}
-SPRITE = (71, 95)           # the game's card sprite, in pixels
+SPRITE = (71, 95)  # the game's card sprite, in pixels
 BANNER = (4, SPRITE[1] - 22, SPRITE[0] - 5, SPRITE[1] - 6)  # the name banner's box on the sprite
 BANNER_COLOUR = (245, 240, 225)
-CROP = (145, 200)           # a screenshot crop around one card
+CROP = (145, 200)  # a screenshot crop around one card
 FELT = np.array([28, 70, 48], dtype=np.float32)
 
 # The real collection: cards per type, and cards seen at least once in each edition (of 181).
@@ -79,8 +130,8 @@ def skewed_counts(num_cards: int, mean: float, rng: np.random.Generator) -> np.n
     lo, hi = 0.0, 1.0  # q, the chance of one more screenshot: the capped mean (1 - q^cap) / (1 - q) grows with it
     for _ in range(50):
         q = (lo + hi) / 2
-        lo, hi = (q, hi) if (1 - q ** cap) / (1 - q) < mean else (lo, q)
-    cdf = np.minimum(np.cumsum([(1 - q) * q ** k for k in range(cap)]), 1.0)
+        lo, hi = (q, hi) if (1 - q**cap) / (1 - q) < mean else (lo, q)
+    cdf = np.minimum(np.cumsum([(1 - q) * q**k for k in range(cap)]), 1.0)
     cdf[-1] = 1.0
     return np.minimum(np.searchsorted(cdf, stratified(num_cards, rng)) + 1, cap)
 
@@ -97,14 +148,17 @@ def card_editions(count: int, draws: dict[str, float], rng: np.random.Generator)
     return [editions[i] for i in rng.permutation(count)]
 
 
-def plan_collection(num_cards: int, samples_per_card: float,
-                    rng: np.random.Generator) -> list[tuple[tuple[str, str, str], list[str]]]:
+def plan_collection(
+    num_cards: int, samples_per_card: float, rng: np.random.Generator
+) -> list[tuple[tuple[str, str, str], list[str]]]:
     """The collection style's cards and the edition of each of their screenshots, before any pixel."""
     cards = pick_cards(num_cards, rng, "collection")
     counts = skewed_counts(len(cards), samples_per_card, rng)
     draws = {e: stratified(len(cards), rng) for e in EDITION_CHANCE}
-    return [(card, card_editions(int(n), {e: d[i] for e, d in draws.items()}, rng))
-            for i, (card, n) in enumerate(zip(cards, counts))]
+    return [
+        (card, card_editions(int(n), {e: d[i] for e, d in draws.items()}, rng))
+        for i, (card, n) in enumerate(zip(cards, counts, strict=True))
+    ]
 
 
 def shows_name(card_type: str, style: str) -> bool:
@@ -119,8 +173,9 @@ def card_sprite(card: tuple[str, str, str], seed: int, named: bool = True) -> Im
     rng = np.random.default_rng([seed, *name.encode()])
     w, h = SPRITE
     hues = rng.uniform(0, 1, 3)
-    palette = [tuple(int(c) for c in hsv_to_rgb(np.array([hue, rng.uniform(0.5, 1), rng.uniform(0.55, 1)]))) for
-               hue in hues]
+    palette = [
+        tuple(int(c) for c in hsv_to_rgb(np.array([hue, rng.uniform(0.5, 1), rng.uniform(0.55, 1)]))) for hue in hues
+    ]
     background = tuple(int(c) for c in hsv_to_rgb(np.array([rng.uniform(0, 1), 0.25, 0.9])))
     sprite = Image.new("RGB", SPRITE, FRAME[card_type])
     draw = ImageDraw.Draw(sprite)
@@ -213,11 +268,11 @@ def screenshot(sprite: Image.Image, edition: str, rng: np.random.Generator, styl
             width = int(rng.integers(3, 10))
             colour = FRAME[list(FRAME)[int(rng.integers(0, 4))]]
             cols = slice(0, width) if side == 0 else slice(cw - width, cw)
-            canvas[int(rng.integers(0, 30)):, cols] = colour
+            canvas[int(rng.integers(0, 30)) :, cols] = colour
     x0 = int((cw - size[0]) / 2 + rng.integers(-5, 6))
     y0 = int((ch - size[1]) / 2 + rng.integers(-6, 7))
     xs, ys = slice(max(0, x0), min(cw, x0 + size[0])), slice(max(0, y0), min(ch, y0 + size[1]))
-    canvas[ys, xs] = card[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0]
+    canvas[ys, xs] = card[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
     canvas = canvas * rng.uniform(0.85, 1.15) + rng.uniform(-12, 12)
     return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
 

@@ -10,7 +10,6 @@ import torch
 from balatro_train.errors import UserError
 
 
-
 def resolve_device(name: str, key: str = "trainer.device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -34,5 +33,6 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     """The one autocast context of a run: `with autocast():` around every forward pass."""
-    return functools.partial(torch.autocast, device.type, dtype=amp_dtype or torch.float32,
-                             enabled=amp_dtype is not None)
+    return functools.partial(
+        torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    )

@@ -36,7 +36,7 @@ class CosineClassifier(nn.Module):
     def __init__(self, in_features: int, out_features: int, scale: float = 16.0, margin: float = 0.0):
         super().__init__()
         self.neck = nn.BatchNorm1d(in_features, affine=False)
-        self.weight = nn.Parameter(torch.randn(out_features, in_features) / in_features ** 0.5)
+        self.weight = nn.Parameter(torch.randn(out_features, in_features) / in_features**0.5)
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.margin = margin  # of the cosine; MarginCrossEntropyLoss applies it
 
@@ -70,8 +70,14 @@ class MarginCrossEntropyLoss(nn.CrossEntropyLoss):
         true_class = torch.where(learns, target, 0)
         if self.margin:
             logits = logits - self.margin * (F.one_hot(true_class, logits.shape[1]) * learns[:, None]).to(logits.dtype)
-        per_image = F.cross_entropy(logits, target, weight=self.weight, ignore_index=IGNORE, reduction="none",
-                                    label_smoothing=self.label_smoothing)
+        per_image = F.cross_entropy(
+            logits,
+            target,
+            weight=self.weight,
+            ignore_index=IGNORE,
+            reduction="none",
+            label_smoothing=self.label_smoothing,
+        )
         # torch's weighted mean, without a host sync to test for an empty batch
         weights = learns.to(per_image.dtype) if self.weight is None else self.weight[true_class] * learns
         return per_image.sum() / weights.sum().clamp(min=1e-12)
@@ -92,8 +98,11 @@ def unknown_threshold(max_cosines: torch.Tensor, accept: float) -> float:
 def unknown_thresholds(heads: nn.ModuleDict, top_logits: dict[str, torch.Tensor], tasks_cfg) -> dict[str, float]:
     """Per embedding-head task, the calibrated "unknown" threshold from the validation images' top
     logits (scale x max cosine) and tasks.<task>.accept_known."""
-    return {task: unknown_threshold(top_logits[task] / head.scale.item(), tasks_cfg[task].accept_known)
-            for task, head in heads.items() if is_embedding_head(head) and len(top_logits[task])}
+    return {
+        task: unknown_threshold(top_logits[task] / head.scale.item(), tasks_cfg[task].accept_known)
+        for task, head in heads.items()
+        if is_embedding_head(head) and len(top_logits[task])
+    }
 
 
 def imprint(embeddings: torch.Tensor) -> torch.Tensor:

@@ -67,8 +67,14 @@ def enroll_checkpoint(cfg: DictConfig) -> Path:
     images, values = enrolment_views([load(recognizer, path) for path in paths], values, cfg.negative_view)
     enrolled, added = enroll(state, recognizer.embeddings(images), values)
     enrolled.save([out])
-    log.info("%d screenshots%s: %s in %.1f s; wrote %s", len(paths), " and their inverted views" if cfg.negative_view
-             else "", "; ".join(added), time.perf_counter() - started, out)
+    log.info(
+        "%d screenshots%s: %s in %.1f s; wrote %s",
+        len(paths),
+        " and their inverted views" if cfg.negative_view else "",
+        "; ".join(added),
+        time.perf_counter() - started,
+        out,
+    )
     return out
 
 
@@ -85,19 +91,26 @@ def screenshots(cfg: DictConfig) -> tuple[list[Path], list[dict]]:
     """The images to enrol and each one's field values: from `labels` (the annotation tool's file), or
     from `images` with the values given on the command line (name=..., type=..., ...)."""
     if (cfg.labels is None) == (cfg.images is None):
-        raise UserError("give images=<files, folder or glob> with name=<card name>, or labels=<labels.json> "
-                        "of the new cards' screenshots (one of the two)")
+        raise UserError(
+            "give images=<files, folder or glob> with name=<card name>, or labels=<labels.json> "
+            "of the new cards' screenshots (one of the two)"
+        )
     if cfg.labels is not None:
         samples = read_labels(cfg.labels, cfg.root)
         if not samples:
             raise UserError(f"labels={cfg.labels}: the file lists no screenshot")
         for sample in samples:
             if not sample.path.is_file():
-                raise UserError(f"labels={cfg.labels}: {sample.path} (entry {sample.file!r}) does not exist; fix its "
-                                f"full_path or set root=")
+                raise UserError(
+                    f"labels={cfg.labels}: {sample.path} (entry {sample.file!r}) does not exist; fix its "
+                    f"full_path or set root="
+                )
         return [s.path for s in samples], [dict(s.meta) for s in samples]
-    fields = {key: str(value) for key, value in OmegaConf.to_container(cfg).items()
-              if key not in CLI_KEYS and value is not None}
+    fields = {
+        key: str(value)
+        for key, value in OmegaConf.to_container(cfg).items()
+        if key not in CLI_KEYS and value is not None
+    }
     paths = find_images(cfg.images)
     return paths, [fields] * len(paths)
 

@@ -31,14 +31,21 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from balatro_train.checkpoint import Checkpoint, load_checkpoint
+from balatro_train.config import CONFIG_DIR
 from balatro_train.data import load_images
-from balatro_train.labels import check_fields, read_labels
 from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
-from balatro_train.metrics import (TILE, build_metrics, confusion_figure, confusion_summary, misclassified_grid,
-                                   scalars_and_matrices, write_confusion_summaries)
+from balatro_train.labels import check_fields, read_labels
+from balatro_train.metrics import (
+    TILE,
+    build_metrics,
+    confusion_figure,
+    confusion_summary,
+    misclassified_grid,
+    scalars_and_matrices,
+    write_confusion_summaries,
+)
 from balatro_train.preprocessing import load_image
-from balatro_train.config import CONFIG_DIR
 from balatro_train.run_folder import holds_a_run
 
 log = logging.getLogger("balatro_train.evaluate")
@@ -54,18 +61,26 @@ def main(cfg: DictConfig) -> None:
     log_to_stderr()
     if cfg.dataset.get("render") is not None:  # the demo set is rendered on first use
         instantiate(cfg.dataset.render)
-    evaluate(cfg.checkpoint, cfg.dataset.labels_file, cfg.dataset.root, cfg.out_dir, cfg.device,
-             cfg.batch_size, cfg.max_grid_images)
+    evaluate(
+        cfg.checkpoint,
+        cfg.dataset.labels_file,
+        cfg.dataset.root,
+        cfg.out_dir,
+        cfg.device,
+        cfg.batch_size,
+        cfg.max_grid_images,
+    )
 
 
-def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", batch_size=64,
-             max_grid_images=32) -> dict:
+def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", batch_size=64, max_grid_images=32) -> dict:
     """Evaluate and write the report; returns what metrics.json holds."""
     path = resolve_checkpoint(checkpoint)
     out_dir = Path(out_dir) if out_dir else default_out_dir(path)
     if holds_a_run(out_dir):  # its confusion_summary.md and metrics would be replaced by this report's
-        raise UserError(f"out_dir={out_dir} holds a training run (metrics.jsonl, checkpoints/); an evaluation "
-                        f"never writes into a run's folder: give another out_dir=")
+        raise UserError(
+            f"out_dir={out_dir} holds a training run (metrics.jsonl, checkpoints/); an evaluation "
+            f"never writes into a run's folder: give another out_dir="
+        )
     state = load_checkpoint(path, "checkpoint")
     tasks = OmegaConf.create(state.task_configs)
     samples = read_labels(labels_file, root)  # originals only: augmented copies would flatter the scores
@@ -73,9 +88,16 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
         raise UserError(f"dataset.labels_file={labels_file}: the dataset is empty; label some images first")
     check_fields(samples, tasks, [str(labels_file)])
     recognizer = Recognizer(state, device, batch_size)
-    targets = {task: class_indices(task, [str(s.meta[tasks[task].field]) for s in samples],
-                                   state.class_names[task], labels_file, open_set=task in recognizer.scales)
-               for task in state.tasks}
+    targets = {
+        task: class_indices(
+            task,
+            [str(s.meta[tasks[task].field]) for s in samples],
+            state.class_names[task],
+            labels_file,
+            open_set=task in recognizer.scales,
+        )
+        for task in state.tasks
+    }
 
     prep = recognizer.preprocessing
     images, bad = load_images(samples, prep.image_size, prep.background)
@@ -90,8 +112,14 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
     probs, scores = {task: values.softmax(dim=1) for task, values in logits.items()}, recognizer.max_cosines(logits)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"checkpoint": str(path), "labels_file": str(labels_file), "num_images": len(samples),
-              "skipped": sorted(bad), "tasks": {}, "open_set": {}}
+    report = {
+        "checkpoint": str(path),
+        "labels_file": str(labels_file),
+        "num_images": len(samples),
+        "skipped": sorted(bad),
+        "tasks": {},
+        "open_set": {},
+    }
     import matplotlib.pyplot as plt  # confusion_figure's figures belong to pyplot: closed here, or they pile up
 
     mistakes, summaries = {}, {}
@@ -99,11 +127,12 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
         target = targets[task][keep]
         known = target >= 0
         if not known.all():
-            report["open_set"][task] = open_set_metrics(scores[task], known, probs[task].argmax(dim=1) == target,
-                                                        recognizer.thresholds[task])
+            report["open_set"][task] = open_set_metrics(
+                scores[task], known, probs[task].argmax(dim=1) == target, recognizer.thresholds[task]
+            )
             if not known.any():
                 continue
-        task_samples = [s for s, k in zip(samples, known.tolist()) if k]
+        task_samples = [s for s, k in zip(samples, known.tolist(), strict=True) if k]
         task_probs, target = probs[task][known], target[known]
         true_list = target.tolist()
         declared = OmegaConf.to_container(tasks[task].metrics)
@@ -115,20 +144,30 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
         plt.close(figure)
         summaries[task] = confusion_summary(matrices["confusion_matrix"], names)
         confidence, predicted = (values.tolist() for values in task_probs.max(dim=1))
-        wrong = [i for i, (t, p) in enumerate(zip(true_list, predicted)) if t != p]
-        mistakes[task] = [(task_samples[i].file, names[true_list[i]], names[predicted[i]], confidence[i]) for i in wrong]
+        wrong = [i for i, (t, p) in enumerate(zip(true_list, predicted, strict=True)) if t != p]
+        mistakes[task] = [
+            (task_samples[i].file, names[true_list[i]], names[predicted[i]], confidence[i]) for i in wrong
+        ]
         shown = wrong[:max_grid_images]
         # Drawn from the files at tile size: the model's own input may be too small to recognise a card by eye.
         display = [load_image(task_samples[i].path, TILE, prep.background) for i in shown]
-        grid = misclassified_grid(display, [names[true_list[i]] for i in shown], [names[predicted[i]] for i in shown],
-                                  max_grid_images, [confidence[i] for i in shown])
+        grid = misclassified_grid(
+            display,
+            [names[true_list[i]] for i in shown],
+            [names[predicted[i]] for i in shown],
+            max_grid_images,
+            [confidence[i] for i in shown],
+        )
         Image.fromarray(grid).save(out_dir / f"misclassified_{task}.png")
 
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
     write_confusion_summaries(out_dir, summaries, f"{path.name} on {len(samples)} images of {labels_file}")
     (out_dir / "report.md").write_text(markdown(report, state, mistakes, max_grid_images))
-    log.info("%s; report in %s", "  ".join(f"{t}/top1 {m['top1_acc']:.3f}" for t, m in report["tasks"].items()
-                                           if "top1_acc" in m), out_dir / "report.md")
+    log.info(
+        "%s; report in %s",
+        "  ".join(f"{t}/top1 {m['top1_acc']:.3f}" for t, m in report["tasks"].items() if "top1_acc" in m),
+        out_dir / "report.md",
+    )
     return report
 
 
@@ -138,12 +177,17 @@ def open_set_metrics(scores: torch.Tensor, known: torch.Tensor, correct: torch.T
     from torchmetrics.functional.classification import binary_auroc
 
     accepted = scores >= threshold
-    return {"known_images": int(known.sum()), "unknown_images": int((~known).sum()), "threshold": threshold,
-            "auroc": binary_auroc(scores, known.long()).item() if known.any() else float("nan"),
-            "known_accepted": accepted[known].float().mean().item() if known.any() else float("nan"),
-            "known_accuracy_at_threshold": (accepted & correct)[known].float().mean().item() if known.any()
-            else float("nan"),
-            "unknown_rejected": (~accepted[~known]).float().mean().item()}
+    return {
+        "known_images": int(known.sum()),
+        "unknown_images": int((~known).sum()),
+        "threshold": threshold,
+        "auroc": binary_auroc(scores, known.long()).item() if known.any() else float("nan"),
+        "known_accepted": accepted[known].float().mean().item() if known.any() else float("nan"),
+        "known_accuracy_at_threshold": (accepted & correct)[known].float().mean().item()
+        if known.any()
+        else float("nan"),
+        "unknown_rejected": (~accepted[~known]).float().mean().item(),
+    }
 
 
 def class_indices(task: str, labels: list[str], names: list[str], labels_file, open_set: bool = False) -> torch.Tensor:
@@ -153,9 +197,11 @@ def class_indices(task: str, labels: list[str], names: list[str], labels_file, o
     if open_set:
         return torch.tensor([index.get(label, -1) for label in labels])
     if unknown:
-        raise UserError(f"task {task}: dataset.labels_file={labels_file} has classes the checkpoint does not know: "
-                        f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}; evaluate a checkpoint "
-                        f"trained on them, or a labelled set without them")
+        raise UserError(
+            f"task {task}: dataset.labels_file={labels_file} has classes the checkpoint does not know: "
+            f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}; evaluate a checkpoint "
+            f"trained on them, or a labelled set without them"
+        )
     return torch.tensor([index[label] for label in labels])
 
 
@@ -168,33 +214,60 @@ def default_out_dir(checkpoint: Path) -> Path:
 
 
 def markdown(report: dict, state: Checkpoint, mistakes: dict, max_rows: int) -> str:
-    lines = [f"# Evaluation of `{report['checkpoint']}`", "",
-             f"- model: {state.backbone}, epoch {state.progress.epoch}, image size {state.preprocessing.image_size}",
-             f"- data: `{report['labels_file']}`, {report['num_images']} original images (augmented ignored)"]
+    lines = [
+        f"# Evaluation of `{report['checkpoint']}`",
+        "",
+        f"- model: {state.backbone}, epoch {state.progress.epoch}, image size {state.preprocessing.image_size}",
+        f"- data: `{report['labels_file']}`, {report['num_images']} original images (augmented ignored)",
+    ]
     if report["skipped"]:
         lines.append(f"- skipped {len(report['skipped'])} unreadable images: {', '.join(report['skipped'][:10])}")
     for task, scores in report["tasks"].items():
         names = state.class_names[task]
-        lines += ["", f"## {task} (field `{state.fields[task]}`, {len(names)} classes)", "",
-                  "| metric | value |", "|---|---|"]
+        lines += [
+            "",
+            f"## {task} (field `{state.fields[task]}`, {len(names)} classes)",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
         lines += [f"| {name} | {value:.4f} |" for name, value in scores.items()]
-        lines += ["", f"![confusion matrix](confusion_{task}.png)", "",
-                  "Per class (support, precision, recall, F1, what it is taken for), worst first: "
-                  "[confusion_summary.md](confusion_summary.md)", "",
-                  f"### Misclassified: {len(mistakes[task])} of {report['num_images']}", ""]
+        lines += [
+            "",
+            f"![confusion matrix](confusion_{task}.png)",
+            "",
+            "Per class (support, precision, recall, F1, what it is taken for), worst first: "
+            "[confusion_summary.md](confusion_summary.md)",
+            "",
+            f"### Misclassified: {len(mistakes[task])} of {report['num_images']}",
+            "",
+        ]
         if mistakes[task]:
-            lines += [f"![misclassified](misclassified_{task}.png)", "",
-                      "| image | true | predicted | probability |", "|---|---|---|---|"]
+            lines += [
+                f"![misclassified](misclassified_{task}.png)",
+                "",
+                "| image | true | predicted | probability |",
+                "|---|---|---|---|",
+            ]
             lines += [f"| {file} | {true} | {pred} | {p:.3f} |" for file, true, pred, p in mistakes[task][:max_rows]]
             if len(mistakes[task]) > max_rows:
                 lines.append(f"\n... and {len(mistakes[task]) - max_rows} more")
     for task, o in report["open_set"].items():
-        lines += ["", f"## {task}: cards the checkpoint does not know", "",
-                  f"{o['unknown_images']} images of unknown cards beside {o['known_images']} of known ones (the metrics "
-                  f"above are the known ones'). An image is \"unknown\" when its best cosine to a prototype is below "
-                  f"{o['threshold']:.3f}.", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {o[name]:.4f} |" for name in
-                  ("auroc", "known_accepted", "known_accuracy_at_threshold", "unknown_rejected")]
+        lines += [
+            "",
+            f"## {task}: cards the checkpoint does not know",
+            "",
+            f"{o['unknown_images']} images of unknown cards beside {o['known_images']} of known ones (the metrics "
+            f'above are the known ones\'). An image is "unknown" when its best cosine to a prototype is below '
+            f"{o['threshold']:.3f}.",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {name} | {o[name]:.4f} |"
+            for name in ("auroc", "known_accepted", "known_accuracy_at_threshold", "unknown_rejected")
+        ]
     return "\n".join(lines) + "\n"
 
 

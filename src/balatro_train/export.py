@@ -83,15 +83,17 @@ class Exportable(nn.Module):
     def forward(self, images: torch.Tensor):
         features = self.model.backbone(self.model.input(images))
         logits = [self.model.heads[task](features) for task in self.tasks]
-        return dict(zip(self.tasks, logits)) if self.as_dict else tuple(logits)
+        return dict(zip(self.tasks, logits, strict=True)) if self.as_dict else tuple(logits)
 
 
 def export(checkpoint, fmt: str, out=None, opset: int = MIN_OPSET, overwrite: bool = False) -> Path:
     """Export and write the sidecar JSON (none for format=original); returns the model file's path.
     `overwrite`: `out` and its sidecar may replace existing files (never the checkpoint)."""
     if fmt not in FORMATS and fmt != "original":
-        raise UserError(f"format={fmt} is not supported: use format=onnx or format=torchscript "
-                        f"(or format=original for the ai-balatro pipeline)")
+        raise UserError(
+            f"format={fmt} is not supported: use format=onnx or format=torchscript "
+            f"(or format=original for the ai-balatro pipeline)"
+        )
     if fmt == "onnx" and opset < MIN_OPSET:
         raise UserError(f"opset={opset} is too old: use opset={MIN_OPSET} or newer")
     path = resolve_checkpoint(checkpoint)
@@ -127,11 +129,14 @@ def check_targets(checkpoint: Path, fmt: str, out, overwrite: bool) -> Path:
     outputs = [(target, "")]
     if fmt != "original":
         if target.suffix == ".json":  # the sidecar would then overwrite the model just written
-            raise UserError(f"out={out}: the model and its sidecar <out without suffix>.json would be one file; "
-                            f"give an out= ending in {FORMATS[fmt]}")
+            raise UserError(
+                f"out={out}: the model and its sidecar <out without suffix>.json would be one file; "
+                f"give an out= ending in {FORMATS[fmt]}"
+            )
         outputs.append((target.with_suffix(".json"), "its sidecar"))
-    check_outputs("out", value, outputs, [(checkpoint, f"the checkpoint it reads (checkpoint={checkpoint})")],
-                  overwrite)
+    check_outputs(
+        "out", value, outputs, [(checkpoint, f"the checkpoint it reads (checkpoint={checkpoint})")], overwrite
+    )
     return target
 
 
@@ -141,21 +146,35 @@ def export_original(state: Checkpoint, checkpoint: Path, out: Path) -> Path:
     `nn.Sequential(*list(resnet18().children())[:-1])`: our backbone's children renamed by position."""
     backbone = state.backbone
     if backbone != "resnet18":
-        raise UserError(f"checkpoint={checkpoint}: format=original needs a resnet18 model, this one is {backbone} "
-                        f"(the ai-balatro pipeline only builds resnet18); use format=onnx or format=torchscript")
+        raise UserError(
+            f"checkpoint={checkpoint}: format=original needs a resnet18 model, this one is {backbone} "
+            f"(the ai-balatro pipeline only builds resnet18); use format=onnx or format=torchscript"
+        )
     cosine = state.embedding_tasks
     if cosine:
-        raise UserError(f"checkpoint={checkpoint}: format=original needs linear heads, but {', '.join(cosine)} has an "
-                        f"embedding head (the ai-balatro pipeline only builds nn.Linear heads); use format=onnx or "
-                        f"format=torchscript, or train with tasks.<task>.head=linear")
+        raise UserError(
+            f"checkpoint={checkpoint}: format=original needs linear heads, but {', '.join(cosine)} has an "
+            f"embedding head (the ai-balatro pipeline only builds nn.Linear heads); use format=onnx or "
+            f"format=torchscript, or train with tasks.<task>.head=linear"
+        )
     prep = metadata(state, checkpoint, "original")["preprocessing"]
     if prep["image_size"] != ORIGINAL_SIZE:
-        log.warning("the model was trained at %d px but the ai-balatro pipeline resizes every image to %dx%d: "
-                    "expect lower accuracy there (retrain with data.image_size=%d)",
-                    prep["image_size"], ORIGINAL_SIZE, ORIGINAL_SIZE, ORIGINAL_SIZE)
+        log.warning(
+            "the model was trained at %d px but the ai-balatro pipeline resizes every image to %dx%d: "
+            "expect lower accuracy there (retrain with data.image_size=%d)",
+            prep["image_size"],
+            ORIGINAL_SIZE,
+            ORIGINAL_SIZE,
+            ORIGINAL_SIZE,
+        )
     if not (np.allclose(prep["mean"], IMAGENET_MEAN) and np.allclose(prep["std"], IMAGENET_STD)):
-        log.warning("the model normalises with mean %s, std %s but the ai-balatro pipeline uses ImageNet's %s, %s",
-                    prep["mean"], prep["std"], IMAGENET_MEAN, IMAGENET_STD)
+        log.warning(
+            "the model normalises with mean %s, std %s but the ai-balatro pipeline uses ImageNet's %s, %s",
+            prep["mean"],
+            prep["std"],
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+        )
     model = state.model()  # also checks that the weights fit a resnet18 CardNet
     children = [name for name, _ in model.backbone.named_children()]
     assert children[-1] == "fc", children  # the classifier, an Identity here, which MultiHeadModel drops
@@ -167,12 +186,20 @@ def export_original(state: Checkpoint, checkpoint: Path, out: Path) -> Path:
             key = f"backbone.{position[child]}.{rest}"
         weights[key] = tensor
     buffer = io.BytesIO()
-    torch.save({"model": weights,
-                "head_states": {task: {"class_names": list(names)} for task, names in state.class_names.items()}},
-               buffer)
+    torch.save(
+        {
+            "model": weights,
+            "head_states": {task: {"class_names": list(names)} for task, names in state.class_names.items()},
+        },
+        buffer,
+    )
     save_bytes(buffer.getbuffer(), out)
-    log.info("exported %s to %s for the ai-balatro pipeline (%s)", checkpoint, out, ", ".join(
-        f"{task}: {len(names)} classes" for task, names in state.class_names.items()))
+    log.info(
+        "exported %s to %s for the ai-balatro pipeline (%s)",
+        checkpoint,
+        out,
+        ", ".join(f"{task}: {len(names)} classes" for task, names in state.class_names.items()),
+    )
     return out
 
 
@@ -186,9 +213,17 @@ def export_onnx(model: nn.Module, example: torch.Tensor, out: io.BytesIO, tasks:
         warnings.simplefilter("ignore", DeprecationWarning)
         legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
         exported = io.BytesIO()
-        torch.onnx.export(model, (example,), exported, opset_version=opset, input_names=["images"],
-                          output_names=tasks, dynamic_axes={name: {0: "batch"} for name in ["images", *tasks]},
-                          do_constant_folding=True, **legacy)
+        torch.onnx.export(
+            model,
+            (example,),
+            exported,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=tasks,
+            dynamic_axes={name: {0: "batch"} for name in ["images", *tasks]},
+            do_constant_folding=True,
+            **legacy,
+        )
     proto = onnx.load_from_string(exported.getvalue())
     onnx.helper.set_model_props(proto, {key: json.dumps(value) for key, value in meta.items()})
     onnx.checker.check_model(proto)
@@ -202,15 +237,21 @@ def metadata(checkpoint: Checkpoint, path: Path, fmt: str) -> dict:
         "format": fmt,
         "checkpoint": str(path),
         "backbone": checkpoint.backbone,
-        "input": {"name": "images", "shape": ["batch", prep.image_size, prep.image_size, 3], "dtype": "uint8",
-                  "layout": "NHWC, RGB"},
-        "outputs": {task: {"shape": ["batch", len(names)], "values": "logits; softmax them"}
-                    for task, names in checkpoint.class_names.items()},
+        "input": {
+            "name": "images",
+            "shape": ["batch", prep.image_size, prep.image_size, 3],
+            "dtype": "uint8",
+            "layout": "NHWC, RGB",
+        },
+        "outputs": {
+            task: {"shape": ["batch", len(names)], "values": "logits; softmax them"}
+            for task, names in checkpoint.class_names.items()
+        },
         "class_names": checkpoint.class_names,
         "fields": checkpoint.fields,
         "preprocessing": {
             "steps": "composite transparency on background, resize to image_size x image_size (bilinear), "
-                     "uint8 RGB; the model itself divides by 255, subtracts mean and divides by std",
+            "uint8 RGB; the model itself divides by 255, subtracts mean and divides by std",
             "image_size": prep.image_size,
             "background": list(prep.background),
             "mean": list(model_cfg.get("mean", IMAGENET_MEAN)),
@@ -219,10 +260,14 @@ def metadata(checkpoint: Checkpoint, path: Path, fmt: str) -> dict:
         },
         # Embedding heads: their outputs are scale x cosine to each class prototype (the prototypes,
         # enrolled cards' included, are the head's weights inside the model).
-        "unknown": {task: {"scale": checkpoint.head_scale(task),
-                           "threshold": float(checkpoint.unknown_thresholds.get(task, -1.0)),
-                           "rule": "score = max(output) / scale; below threshold the card is unknown"}
-                    for task in checkpoint.embedding_tasks},
+        "unknown": {
+            task: {
+                "scale": checkpoint.head_scale(task),
+                "threshold": float(checkpoint.unknown_thresholds.get(task, -1.0)),
+                "rule": "score = max(output) / scale; below threshold the card is unknown",
+            }
+            for task in checkpoint.embedding_tasks
+        },
     }
 
 
@@ -251,8 +296,15 @@ def benchmark(exported: Path, fmt: str, threads: int = 2, runs: int = 50) -> lis
         for batch in (1, 32):
             images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
             for name, run in runners.items():
-                rows.append({"runtime": name, "batch": batch, "image_size": size, "threads": threads,
-                             **time_calls(run, images, runs if batch == 1 else max(3, runs // 5))})
+                rows.append(
+                    {
+                        "runtime": name,
+                        "batch": batch,
+                        "image_size": size,
+                        "threads": threads,
+                        **time_calls(run, images, runs if batch == 1 else max(3, runs // 5)),
+                    }
+                )
     return rows
 
 
@@ -265,13 +317,19 @@ def time_calls(run, images: np.ndarray, runs: int) -> dict:
         run(images)
         times.append((time.perf_counter() - start) * 1000)
     median = float(np.median(times))
-    return {"median_ms": median, "p90_ms": float(np.percentile(times, 90)), "ms_per_image": median / len(images),
-            "runs": runs}
+    return {
+        "median_ms": median,
+        "p90_ms": float(np.percentile(times, 90)),
+        "ms_per_image": median / len(images),
+        "runs": runs,
+    }
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'runtime':<32}{'batch':>6}{'median ms':>11}{'p90 ms':>9}{'ms/image':>10}   "
-          f"({rows[0]['image_size']}x{rows[0]['image_size']}, {rows[0]['threads']} CPU threads)")
+    print(
+        f"{'runtime':<32}{'batch':>6}{'median ms':>11}{'p90 ms':>9}{'ms/image':>10}   "
+        f"({rows[0]['image_size']}x{rows[0]['image_size']}, {rows[0]['threads']} CPU threads)"
+    )
     for r in rows:
         print(f"{r['runtime']:<32}{r['batch']:>6}{r['median_ms']:>11.2f}{r['p90_ms']:>9.2f}{r['ms_per_image']:>10.2f}")
 

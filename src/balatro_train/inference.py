@@ -36,14 +36,18 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 def resolve_checkpoint(path: str | Path | None, key: str = "checkpoint") -> Path:
     """A checkpoint file, or a run folder (its checkpoints/best.pt); `key` names the option in errors."""
     if path is None or str(path) == "":
-        raise UserError(f"{key}= is required: give a checkpoint file (e.g. data/models/best_model.pt) "
-                        f"or a run folder (outputs/<date>/<time>)")
+        raise UserError(
+            f"{key}= is required: give a checkpoint file (e.g. data/models/best_model.pt) "
+            f"or a run folder (outputs/<date>/<time>)"
+        )
     path = Path(path)
     if path.is_dir():
         best = path / "checkpoints" / "best.pt"
         if not best.is_file():
-            raise UserError(f"{key}={path}: a folder without checkpoints/best.pt; give a run folder "
-                            f"(outputs/<date>/<time>) or a .pt file")
+            raise UserError(
+                f"{key}={path}: a folder without checkpoints/best.pt; give a run folder "
+                f"(outputs/<date>/<time>) or a .pt file"
+            )
         return best
     if not path.is_file():
         raise UserError(f"{key}={path}: no such checkpoint file or run folder; check the path")
@@ -56,8 +60,13 @@ class Recognizer:
     `unknown_threshold` replaces the checkpoint's calibrated max-cosine thresholds of its embedding
     heads (-1: never "unknown")."""
 
-    def __init__(self, checkpoint: Checkpoint, device: str | torch.device = "auto", batch_size: int = 32,
-                 unknown_threshold: float | None = None):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: str | torch.device = "auto",
+        batch_size: int = 32,
+        unknown_threshold: float | None = None,
+    ):
         self.device = resolve_device(device, key="device") if isinstance(device, str) else device
         self.class_names: dict[str, list[str]] = checkpoint.class_names
         self.fields: dict[str, str] = checkpoint.fields
@@ -67,12 +76,18 @@ class Recognizer:
         self.model = checkpoint.model().to(self.device)
         self.scales = {task: checkpoint.head_scale(task) for task in checkpoint.embedding_tasks}
         saved = checkpoint.unknown_thresholds
-        self.thresholds = {task: saved.get(task, -1.0) if unknown_threshold is None else unknown_threshold
-                           for task in self.scales}
+        self.thresholds = {
+            task: saved.get(task, -1.0) if unknown_threshold is None else unknown_threshold for task in self.scales
+        }
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", batch_size: int = 32,
-                        unknown_threshold: float | None = None) -> Recognizer:
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "auto",
+        batch_size: int = 32,
+        unknown_threshold: float | None = None,
+    ) -> Recognizer:
         """`path`: a checkpoint file or a run folder (its checkpoints/best.pt)."""
         return cls(load_checkpoint(resolve_checkpoint(path), "checkpoint"), device, batch_size, unknown_threshold)
 
@@ -112,8 +127,12 @@ class Recognizer:
         """The images through the validation pipeline, as uint8 batches on the device."""
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
-                batch = torch.stack([torch.from_numpy(np.ascontiguousarray(self.pipeline(image=np.asarray(image))["image"]))
-                                     for image in images[start:start + self.batch_size]])
+                batch = torch.stack(
+                    [
+                        torch.from_numpy(np.ascontiguousarray(self.pipeline(image=np.asarray(image))["image"]))
+                        for image in images[start : start + self.batch_size]
+                    ]
+                )
                 yield batch.to(self.device, non_blocking=True)
 
     def max_cosines(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,7 +150,10 @@ class Recognizer:
         scores = self.max_cosines(logits)
         out = []
         for n in range(len(batch)):
-            labels = {task: [(self.class_names[task][i], p) for i, p in zip(*top[n])] for task, top in results.items()}
+            labels = {
+                task: [(self.class_names[task][i], p) for i, p in zip(*top[n], strict=True)]
+                for task, top in results.items()
+            }
             for task, score in scores.items():
                 if score[n] < self.thresholds[task]:
                     labels[task].insert(0, (UNKNOWN, score[n].item()))
@@ -143,7 +165,7 @@ class Recognizer:
         result = {}
         for task, p in probs.items():
             values, indices = p.topk(min(k, p.shape[1]), dim=1)
-            result[task] = list(zip(indices.tolist(), values.tolist()))
+            result[task] = list(zip(indices.tolist(), values.tolist(), strict=True))
         return result
 
 

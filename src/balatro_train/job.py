@@ -95,12 +95,15 @@ def resume_own_start(cfg: DictConfig, job_dir: Path) -> None:
     own_last = job_dir / "checkpoints" / "last.pt"
     if not own_last.is_file():
         return
-    difference = first_difference(load_checkpoint(own_last, "resume").config,
-                                  OmegaConf.to_container(typed_config(cfg), resolve=True))
+    difference = first_difference(
+        load_checkpoint(own_last, "resume").config, OmegaConf.to_container(typed_config(cfg), resolve=True)
+    )
     if difference:
         key, old, new = difference
-        raise UserError(f"sweep job {job_dir} holds an earlier job whose {key} is {old} (this one: {new}); run the "
-                        f"sweep into a new folder (leave hydra.sweep.dir= out, or give another)")
+        raise UserError(
+            f"sweep job {job_dir} holds an earlier job whose {key} is {old} (this one: {new}); run the "
+            f"sweep into a new folder (leave hydra.sweep.dir= out, or give another)"
+        )
     log.info("resuming from %s, left by an earlier start of this job", own_last)
     cfg.resume = str(own_last)
 
@@ -108,14 +111,19 @@ def resume_own_start(cfg: DictConfig, job_dir: Path) -> None:
 def check_publish_target(target: Path) -> None:
     """publish_to must be a file that can be written: found out now, not after the whole run has trained."""
     if target.is_dir():
-        raise UserError(f"publish_to={target} is a folder; give a file path, e.g. {target / 'best_model.pt'}, "
-                        f"or publish_to=null")
+        raise UserError(
+            f"publish_to={target} is a folder; give a file path, e.g. {target / 'best_model.pt'}, or publish_to=null"
+        )
     existing = next(folder for folder in target.absolute().parents if folder.exists())
     if not existing.is_dir():
-        raise UserError(f"publish_to={target}: {existing} is a file, not a folder; give another path or publish_to=null")
+        raise UserError(
+            f"publish_to={target}: {existing} is a file, not a folder; give another path or publish_to=null"
+        )
     if not os.access(existing, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise UserError(f"publish_to={target}: {target if target.exists() else existing} is not writable; give "
-                        f"another path or publish_to=null")
+        raise UserError(
+            f"publish_to={target}: {target if target.exists() else existing} is not writable; give "
+            f"another path or publish_to=null"
+        )
 
 
 def publish(best: Path, target: Path) -> None:
@@ -136,8 +144,9 @@ def stop_on_signals():
         if stop.is_set():
             os._exit(130)
         stop.set()
-        log.warning("%s: stopping after this step and saving last.pt (again to quit at once)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s: stopping after this step and saving last.pt (again to quit at once)", signal.Signals(signum).name
+        )
 
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -166,8 +175,11 @@ def hparams(cfg: DictConfig, hydra_cfg, out_dir: Path) -> HParams:
     and every key overridden on the command line, with the values (and types) they have in the composed
     config; the keys its sweep varies, first; its TensorBoard folder named after its swept overrides
     (`optimizer=group,freeze=all`; a single run writes into tb/ itself)."""
-    choices = {group: choice for group, choice in hydra_cfg.runtime.choices.items()
-               if choice is not None and not group.startswith("hydra")}
+    choices = {
+        group: choice
+        for group, choice in hydra_cfg.runtime.choices.items()
+        if choice is not None and not group.startswith("hydra")
+    }
     values = {**main_values(cfg), **choices}
     overrides = {}
     for override in OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task)):
@@ -193,8 +205,11 @@ def swept_keys(hydra_cfg, out_dir: Path) -> set[str]:
         if (folder / "multirun.yaml").is_file():
             try:
                 task = OmegaConf.load(folder / "multirun.yaml").hydra.overrides.task
-                keys |= {o.key_or_group for o in OverridesParser.create().parse_overrides(list(task))
-                         if o.is_sweep_override()}
+                keys |= {
+                    o.key_or_group
+                    for o in OverridesParser.create().parse_overrides(list(task))
+                    if o.is_sweep_override()
+                }
             except Exception as e:  # noqa: BLE001  (HPARAMS then just won't tick the swept keys first)
                 log.debug("could not read the sweep's overrides from %s: %s", folder / "multirun.yaml", e)
             break

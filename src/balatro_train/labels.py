@@ -19,19 +19,21 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Sample:
-    file: str                  # the key in its labels file, unique within the dataset
-    path: Path                 # the image on disk
-    meta: dict                 # the labels entry: name, type, rarity, modifier, ...
+    file: str  # the key in its labels file, unique within the dataset
+    path: Path  # the image on disk
+    meta: dict  # the labels entry: name, type, rarity, modifier, ...
     parent: str | None = None  # for an augmented image, the original's file name
-    source: str = ""           # the labels file that lists it
+    source: str = ""  # the labels file that lists it
 
 
 def read_labels(labels_file: str | Path, root: str | Path, augmented: bool = False) -> list[Sample]:
     """Read a labels.json (or augmented.json) exactly as the annotation tool writes it."""
     labels_file = Path(labels_file)
     if not labels_file.is_file():
-        raise UserError(f"{labels_file}: labels file not found; set dataset.labels_file "
-                        f"(or dataset.augmented_labels_files) to an existing file")
+        raise UserError(
+            f"{labels_file}: labels file not found; set dataset.labels_file "
+            f"(or dataset.augmented_labels_files) to an existing file"
+        )
     entries = parse_labels(labels_file)
     samples = []
     for file, meta in entries.items():
@@ -40,8 +42,9 @@ def read_labels(labels_file: str | Path, root: str | Path, augmented: bool = Fal
         parent = meta.get("parent") if augmented else None
         if augmented and not parent:
             raise UserError(f"{labels_file}: augmented entry {file!r} has no 'parent'")
-        samples.append(Sample(file, resolve_image_path(file, meta, labels_file, Path(root)), meta, parent,
-                              str(labels_file)))
+        samples.append(
+            Sample(file, resolve_image_path(file, meta, labels_file, Path(root)), meta, parent, str(labels_file))
+        )
     return samples
 
 
@@ -56,16 +59,19 @@ def parse_labels(labels_file: Path) -> dict:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
         offset = e.start + len(raw) - len(body)  # counted in the file, byte-order mark included
-        raise UserError(f"{labels_file}: not UTF-8 text (byte {offset} is 0x{raw[offset]:02x}); "
-                        f"save it as UTF-8") from None
+        raise UserError(
+            f"{labels_file}: not UTF-8 text (byte {offset} is 0x{raw[offset]:02x}); save it as UTF-8"
+        ) from None
     repeats = RepeatedKeys()
     try:
         entries = json.loads(text, object_pairs_hook=repeats.hook)
     except json.JSONDecodeError as e:
         raise UserError(f"{labels_file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if not isinstance(entries, dict):
-        raise UserError(f"{labels_file}: expected a JSON object mapping image file names to labels, "
-                        f"found a {type(entries).__name__}")
+        raise UserError(
+            f"{labels_file}: expected a JSON object mapping image file names to labels, "
+            f"found a {type(entries).__name__}"
+        )
     if repeats.of(entries):
         raise UserError(f"{labels_file}: {repeats.of(entries)[0]!r} is listed twice; keep one entry per image file")
     for file, meta in entries.items():
@@ -127,9 +133,11 @@ def refuse_a_different_image_beside(file: str, full_path: Path, beside: Path, la
         return
     if filecmp.cmp(full_path, beside, shallow=False):  # sizes first, bytes only when they agree
         return
-    raise UserError(f"{labels_file}: entry {file!r}: full_path gives {full_path}, but {beside} beside the labels "
-                    f"file is a different image; set dataset.root so that full_path points at this set's images, "
-                    f"or remove the stale copy")
+    raise UserError(
+        f"{labels_file}: entry {file!r}: full_path gives {full_path}, but {beside} beside the labels "
+        f"file is a different image; set dataset.root so that full_path points at this set's images, "
+        f"or remove the stale copy"
+    )
 
 
 def check_unique_files(samples: list[Sample]) -> None:
@@ -138,8 +146,10 @@ def check_unique_files(samples: list[Sample]) -> None:
     where: dict[str, str] = {}
     for sample in samples:
         if sample.file in where:
-            raise UserError(f"{sample.file!r} is listed in both {where[sample.file]} and {sample.source}; "
-                            f"file names must be unique across the labels files: rename one of the images")
+            raise UserError(
+                f"{sample.file!r} is listed in both {where[sample.file]} and {sample.source}; "
+                f"file names must be unique across the labels files: rename one of the images"
+            )
         where[sample.file] = sample.source
 
 
@@ -153,8 +163,10 @@ def check_fields(samples: list[Sample], tasks: dict, labels_files: list[str]) ->
                 raise UserError(f"{where} has no {task.field!r} field, needed by task {task_name!r}")
             problem = label_problem(sample.meta[task.field])
             if problem:
-                raise UserError(f"{where}: its {task.field!r} (task {task_name!r}) is {problem}; "
-                                f"give it the class name of the image")
+                raise UserError(
+                    f"{where}: its {task.field!r} (task {task_name!r}) is {problem}; "
+                    f"give it the class name of the image"
+                )
     for task_name, task in tasks.items():
         warn_near_identical_names(task_name, task.field, class_names_of(samples, task.field))
 
@@ -178,9 +190,13 @@ def warn_near_identical_names(task_name: str, field: str, names: list[str]) -> N
         groups[name.strip().casefold()].append(name)
     alike = [group for group in groups.values() if len(group) > 1]
     if alike:
-        log.warning("task %s: %s values that differ only by case or surrounding spaces train as separate "
-                    "classes: %s; relabel them alike if they are the same class", task_name, field,
-                    "; ".join(", ".join(repr(name) for name in group) for group in alike))
+        log.warning(
+            "task %s: %s values that differ only by case or surrounding spaces train as separate "
+            "classes: %s; relabel them alike if they are the same class",
+            task_name,
+            field,
+            "; ".join(", ".join(repr(name) for name in group) for group in alike),
+        )
 
 
 def class_names_of(samples: list[Sample], field: str) -> list[str]:

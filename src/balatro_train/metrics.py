@@ -18,9 +18,9 @@ from balatro_train.errors import UnknownCallable, UserError
 
 TILE, TEXT_HEIGHT, GAP, MAX_COLUMNS = 112, 34, 4, 4  # the misclassified grid's layout, in pixels: at most
 # 464 px wide, so that TensorBoard's image cards show it at a readable scale
-TITLE_HEIGHT = 20                                     # its title band ("k of n wrong")
+TITLE_HEIGHT = 20  # its title band ("k of n wrong")
 MAX_FIGURE_CLASSES = 10  # a confusion figure with more classes shows the block of the most confused ones
-CONFUSED_WITH = 3        # the classes a class is most often mistaken for, in the summary
+CONFUSED_WITH = 3  # the classes a class is most often mistaken for, in the summary
 
 
 METRICS_MODULE = "torchmetrics.classification."  # what a task's metrics may name (conf/task/*.yaml)
@@ -40,8 +40,9 @@ def build_metrics(task_name: str, metrics_cfg, num_classes: int) -> MetricCollec
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001  (a wrong option: torchmetrics raises TypeError or ValueError)
-            raise UserError(f"tasks.{task_name}.metrics.{name}: cannot build it "
-                            f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise UserError(
+                f"tasks.{task_name}.metrics.{name}: cannot build it ({type(e).__name__}: {str(e).splitlines()[0]})"
+            ) from None
     return MetricCollection(metrics)
 
 
@@ -68,10 +69,11 @@ def scalars_and_matrices(results: dict[str, torch.Tensor]) -> tuple[dict[str, fl
 
 # ---- the confusion summary: what a matrix of 180 classes can't show ------------------------------------
 
+
 def confusion_counts(true, predicted, num_classes: int) -> np.ndarray:
     """The confusion matrix as counts, rows: true class, columns: predicted class."""
     true, predicted = np.asarray(true, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
-    return np.bincount(true * num_classes + predicted, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    return np.bincount(true * num_classes + predicted, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def confusion_summary(matrix, class_names: list[str]) -> list[dict]:
@@ -87,22 +89,35 @@ def confusion_summary(matrix, class_names: list[str]) -> list[dict]:
         precision = right[c] / predicted[c] if predicted[c] else None
         recall = right[c] / support[c] if support[c] else None
         f1 = (2 * right[c] / (support[c] + predicted[c])) if support[c] + predicted[c] else 0.0
-        mistaken = [(int(m[c, o]), class_names[o]) for o in np.argsort(-m[c], kind="stable")
-                    if o != c and m[c, o] > 0][:CONFUSED_WITH]
-        rows.append({"class": name, "support": int(support[c]), "precision": precision, "recall": recall,
-                     "f1": float(f1), "confused_with": [(other, count) for count, other in mistaken]})
+        mistaken = [(int(m[c, o]), class_names[o]) for o in np.argsort(-m[c], kind="stable") if o != c and m[c, o] > 0][
+            :CONFUSED_WITH
+        ]
+        rows.append(
+            {
+                "class": name,
+                "support": int(support[c]),
+                "precision": precision,
+                "recall": recall,
+                "f1": float(f1),
+                "confused_with": [(other, count) for count, other in mistaken],
+            }
+        )
     return sorted(rows, key=lambda r: (r["f1"], -r["support"], r["class"]))
 
 
 def confusion_summary_markdown(rows: list[dict], max_rows: int | None = None) -> str:
     """The summary as a markdown table (TensorBoard's text dashboard and confusion_summary.md)."""
+
     def number(value):
         return "–" if value is None else f"{value:.3f}"
 
     shown = rows if max_rows is None else rows[:max_rows]
     lines = ["| class | support | precision | recall | F1 | most often mistaken for |", "|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {md(r['class'])} | {r['support']} | {number(r['precision'])} | {number(r['recall'])} | "
-              f"{r['f1']:.3f} | {', '.join(f'{md(o)} ({n})' for o, n in r['confused_with']) or '–'} |" for r in shown]
+    lines += [
+        f"| {md(r['class'])} | {r['support']} | {number(r['precision'])} | {number(r['recall'])} | "
+        f"{r['f1']:.3f} | {', '.join(f'{md(o)} ({n})' for o, n in r['confused_with']) or '–'} |"
+        for r in shown
+    ]
     if len(shown) < len(rows):
         lines.append(f"\n... and {len(rows) - len(shown)} classes more, all with F1 {shown[-1]['f1']:.3f} or better")
     return "\n".join(lines)
@@ -110,9 +125,12 @@ def confusion_summary_markdown(rows: list[dict], max_rows: int | None = None) ->
 
 def write_confusion_summaries(folder: Path, summaries: dict[str, list[dict]], what: str) -> None:
     """confusion_summary.md (a table per task, worst class first) and confusion_summary.csv."""
-    parts = [f"# Confusion summary ({what})", "",
-             "Per class: its validation images (support), precision, recall, F1 and the classes its images "
-             "were most often taken for, worst F1 first."]
+    parts = [
+        f"# Confusion summary ({what})",
+        "",
+        "Per class: its validation images (support), precision, recall, F1 and the classes its images "
+        "were most often taken for, worst F1 first.",
+    ]
     for task, rows in summaries.items():
         parts += ["", f"## {task}", "", confusion_summary_markdown(rows)]
     (folder / "confusion_summary.md").write_text("\n".join(parts) + "\n")
@@ -127,9 +145,17 @@ def confusion_summary_csv(summaries: dict[str, list[dict]]) -> str:
     writer.writerow(["task", "class", "support", "precision", "recall", "f1", "confused_with"])
     for task, rows in summaries.items():
         for r in rows:
-            writer.writerow([task, r["class"], r["support"], "" if r["precision"] is None else f"{r['precision']:.4f}",
-                             "" if r["recall"] is None else f"{r['recall']:.4f}", f"{r['f1']:.4f}",
-                             "; ".join(f"{o}:{n}" for o, n in r["confused_with"])])
+            writer.writerow(
+                [
+                    task,
+                    r["class"],
+                    r["support"],
+                    "" if r["precision"] is None else f"{r['precision']:.4f}",
+                    "" if r["recall"] is None else f"{r['recall']:.4f}",
+                    f"{r['f1']:.4f}",
+                    "; ".join(f"{o}:{n}" for o, n in r["confused_with"]),
+                ]
+            )
     return out.getvalue()
 
 
@@ -138,6 +164,7 @@ def md(text: str) -> str:
 
 
 # ---- figures ----------------------------------------------------------------------------------------
+
 
 def most_confused(matrix: np.ndarray, k: int) -> list[int]:
     """The `k` classes with the most errors, made or received (ties: the larger support), worst first."""
@@ -171,8 +198,15 @@ def confusion_figure(matrix, class_names: list[str], title: str, max_classes: in
     for i in range(len(shown)):
         for j in range(len(shown)):
             if block[i, j]:
-                ax.text(j, i, str(block[i, j]), ha="center", va="center", fontsize=9,
-                        color="white" if block[i, j] > 0.6 * block.max() else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(block[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="white" if block[i, j] > 0.6 * block.max() else "black",
+                )
     ax.set_xticks(range(len(shown)), labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
     ax.set_yticks(range(len(shown)), labels, fontsize=9)
     ax.set_xlabel("predicted")
@@ -183,18 +217,26 @@ def confusion_figure(matrix, class_names: list[str], title: str, max_classes: in
 
 
 def short(name: str, length: int = 18) -> str:
-    return name if len(name) <= length else name[:length - 1] + "…"
+    return name if len(name) <= length else name[: length - 1] + "…"
 
 
-def misclassified_grid(images_uint8, true_labels: list[str], predicted_labels: list[str],
-                       max_images: int = 32, confidences: list[float] | None = None) -> np.ndarray:
+def misclassified_grid(
+    images_uint8,
+    true_labels: list[str],
+    predicted_labels: list[str],
+    max_images: int = 32,
+    confidences: list[float] | None = None,
+) -> np.ndarray:
     """A grid (HxWx3 uint8) of the images whose true label differs from the predicted one, the first
     `max_images` of them, under a title "k of n wrong", with "true" and "pred" (and the prediction's
     probability, given `confidences`) written under each. Images: N x H x W x 3 uint8 (or a list of such
     arrays, any sizes). For TensorBoard: writer.add_image(tag, grid, step, dataformats="HWC")."""
     confidences = [None] * len(true_labels) if confidences is None else list(confidences)
-    wrong = [(image, t, p, c) for image, t, p, c in zip(images_uint8, true_labels, predicted_labels, confidences)
-             if str(t) != str(p)]
+    wrong = [
+        (image, t, p, c)
+        for image, t, p, c in zip(images_uint8, true_labels, predicted_labels, confidences, strict=True)
+        if str(t) != str(p)
+    ]
     picked = wrong[:max_images]
     font = default_font()
     columns = max(2 if not picked else 1, min(MAX_COLUMNS, len(picked)))
@@ -202,18 +244,25 @@ def misclassified_grid(images_uint8, true_labels: list[str], predicted_labels: l
     width = columns * (TILE + GAP)
     canvas = Image.new("RGB", (width, TITLE_HEIGHT + rows * (TILE + TEXT_HEIGHT + GAP)), (24, 24, 24))
     draw = ImageDraw.Draw(canvas)
-    title = f"{len(wrong)} of {len(true_labels)} wrong" + (f", first {len(picked)} shown" if len(picked) < len(wrong) else "")
+    title = f"{len(wrong)} of {len(true_labels)} wrong" + (
+        f", first {len(picked)} shown" if len(picked) < len(wrong) else ""
+    )
     draw.text((2, 3), fit(title, font, width - 4), fill=(240, 240, 240), font=font)
     if not picked:
-        draw.text((4, TITLE_HEIGHT + TILE // 2), fit("no misclassified images", font, width - 8),
-                  fill=(220, 220, 220), font=font)
+        draw.text(
+            (4, TITLE_HEIGHT + TILE // 2),
+            fit("no misclassified images", font, width - 8),
+            fill=(220, 220, 220),
+            font=font,
+        )
     for n, (image, true, pred, confidence) in enumerate(picked):
         x, y = (n % columns) * (TILE + GAP), TITLE_HEIGHT + (n // columns) * (TILE + TEXT_HEIGHT + GAP)
         tile = Image.fromarray(np.asarray(image, dtype=np.uint8))
         # Upscale small training-size images without blurring them into mush.
         small = max(tile.size) < TILE
-        canvas.paste(tile.resize((TILE, TILE), Image.Resampling.NEAREST if small else Image.Resampling.BILINEAR),
-                     (x, y))
+        canvas.paste(
+            tile.resize((TILE, TILE), Image.Resampling.NEAREST if small else Image.Resampling.BILINEAR), (x, y)
+        )
         draw.text((x + 2, y + TILE + 2), fit(f"true {true}", font), fill=(140, 230, 140), font=font)
         score = "" if confidence is None else f" {confidence:.2f}"
         label = fit(f"pred {pred}", font, TILE - 4 - int(font.getlength(score)))

@@ -42,7 +42,9 @@ class ImageInput(nn.Module):
         self.memory_format = torch.channels_last
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.permute(0, 3, 1, 2).float() * self.scale - self.shift).contiguous(memory_format=self.memory_format)
+        return (images.permute(0, 3, 1, 2).float() * self.scale - self.shift).contiguous(
+            memory_format=self.memory_format
+        )
 
 
 LINEAR_HEAD = {"_target_": "torch.nn.Linear", "_partial_": True}  # conf/heads/standard.yaml's, always there
@@ -50,17 +52,26 @@ HeadFactory = Callable[[int, int], nn.Module]  # (features, classes) -> head, e.
 MODEL_TARGET = "balatro_train.model.CardNet"
 # The heads a config may name (conf/heads/standard.yaml): a model is built from its config as data, through
 # these constructors only, so that a checkpoint's saved config can never name something else to call.
-HEAD_CLASSES: dict[str, type[nn.Module]] = {"torch.nn.Linear": nn.Linear,
-                                            "balatro_train.embedding.CosineClassifier": CosineClassifier}
+HEAD_CLASSES: dict[str, type[nn.Module]] = {
+    "torch.nn.Linear": nn.Linear,
+    "balatro_train.embedding.CosineClassifier": CosineClassifier,
+}
 
 
 class CardNet(nn.Module):
     """uint8 (N, H, W, 3) images -> input layer -> shared backbone -> one head per task; forward returns
     {task: logits}. `heads` builds a task's head from (features, classes); by default an `nn.Linear`."""
 
-    def __init__(self, backbone: str, num_classes: dict[str, int], pretrained: bool = True,
-                 weights: str | None = None, mean: list[float] = IMAGENET_MEAN, std: list[float] = IMAGENET_STD,
-                 heads: dict[str, HeadFactory] | None = None):
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: dict[str, int],
+        pretrained: bool = True,
+        weights: str | None = None,
+        mean: list[float] = IMAGENET_MEAN,
+        std: list[float] = IMAGENET_STD,
+        heads: dict[str, HeadFactory] | None = None,
+    ):
         super().__init__()
         self.backbone_name = backbone
         self.input = ImageInput(mean, std)
@@ -93,16 +104,20 @@ class CardNet(nn.Module):
 def _load_backbone(name: str, pretrained: bool) -> tuple[nn.Module, bool]:
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
-        raise UserError(f"model.backbone={name} is not a torchvision classification model "
-                        f"(available: {', '.join(available)})")
+        raise UserError(
+            f"model.backbone={name} is not a torchvision classification model (available: {', '.join(available)})"
+        )
     if pretrained:
         weights = torchvision.models.get_model_weights(name).DEFAULT
         try:
             return torchvision.models.get_model(name, weights=weights), True
         except Exception as e:  # no network, a proxy, a corrupt cache: train anyway, but say so
-            warnings.warn(f"model.pretrained=true but the {weights} ImageNet weights could not be "
-                          f"loaded ({type(e).__name__}: {e}); training {name} from random init. "
-                          f"The checkpoint records pretrained_loaded=false.", stacklevel=2)
+            warnings.warn(
+                f"model.pretrained=true but the {weights} ImageNet weights could not be "
+                f"loaded ({type(e).__name__}: {e}); training {name} from random init. "
+                f"The checkpoint records pretrained_loaded=false.",
+                stacklevel=2,
+            )
             log.warning("ImageNet weights for %s unavailable (%s): random init", name, type(e).__name__)
     return torchvision.models.get_model(name, weights=None), False
 
@@ -112,8 +127,10 @@ def _backbone_from_file(name: str, path: str) -> nn.Module:
     resnet18-f37072fd.pth), read with the safe loader: a file that holds code is refused."""
     model = _load_backbone(name, pretrained=False)[0]
     if not Path(path).is_file():
-        raise UserError(f"model.weights={path}: no such file; give the path of a {name} state dict "
-                        f"(e.g. torchvision's download of its ImageNet weights)")
+        raise UserError(
+            f"model.weights={path}: no such file; give the path of a {name} state dict "
+            f"(e.g. torchvision's download of its ImageNet weights)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (a pickled object, a damaged file: torch raises many kinds)
@@ -121,12 +138,17 @@ def _backbone_from_file(name: str, path: str) -> nn.Module:
         raise UserError(f"model.weights={path}: not a state dict of torchvision's {name} ({why})") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     expected = model.state_dict()
-    if not isinstance(state, dict) or state.keys() != expected.keys() or any(
-            not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape for k, v in expected.items()):
+    if (
+        not isinstance(state, dict)
+        or state.keys() != expected.keys()
+        or any(not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape for k, v in expected.items())
+    ):
         keys = set(state) if isinstance(state, dict) else set()
-        raise UserError(f"model.weights={path}: not a state dict of torchvision's {name} ({len(expected.keys() - keys)} "
-                        f"of its {len(expected)} tensors missing, {len(keys - expected.keys())} unknown, or of other "
-                        f"shapes); is it the file of another model=...?")
+        raise UserError(
+            f"model.weights={path}: not a state dict of torchvision's {name} ({len(expected.keys() - keys)} "
+            f"of its {len(expected)} tensors missing, {len(keys - expected.keys())} unknown, or of other "
+            f"shapes); is it the file of another model=...?"
+        )
     model.load_state_dict(state)
     log.info("%s weights loaded from %s", name, path)
     return model
@@ -142,16 +164,23 @@ def _drop_classifier(model: nn.Module, name: str) -> int:
     return last.in_features
 
 
-def build_model(model_cfg, class_names: dict[str, list[str]], state_dict: dict | None = None,
-                heads: dict[str, HeadFactory] | None = None) -> nn.Module:
+def build_model(
+    model_cfg,
+    class_names: dict[str, list[str]],
+    state_dict: dict | None = None,
+    heads: dict[str, HeadFactory] | None = None,
+) -> nn.Module:
     """The model a `model` config describes, with one head per task of `class_names` (built by `heads`,
     see `head_factories`); with `state_dict` (a checkpoint's), those weights, and then the config's
     initial weights (model.pretrained, model.weights) are neither downloaded nor read. Training,
     resume, init_from, inference and export all build it here, from the config as data (`model_options`):
     a saved config is never instantiated."""
     initial = {} if state_dict is None else {"pretrained": False, "weights": None}
-    model = CardNet(**{**model_options(model_cfg), **initial},
-                    num_classes={task: len(names) for task, names in class_names.items()}, heads=heads or {})
+    model = CardNet(
+        **{**model_options(model_cfg), **initial},
+        num_classes={task: len(names) for task, names in class_names.items()},
+        heads=heads or {},
+    )
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model.use_channels_last()
@@ -167,7 +196,9 @@ def model_options(model_cfg) -> dict:
     accepted = set(inspect.signature(CardNet).parameters) - {"num_classes", "heads"}
     unknown = sorted(set(model_cfg) - accepted)
     if unknown:
-        raise UserError(f"model.{unknown[0]} is not an option of the model (its options: {', '.join(sorted(accepted))})")
+        raise UserError(
+            f"model.{unknown[0]} is not an option of the model (its options: {', '.join(sorted(accepted))})"
+        )
     return {key: list(value) if key in ("mean", "std") else value for key, value in model_cfg.items()}
 
 
@@ -180,16 +211,20 @@ def head_configs(config) -> dict:
     for task, task_cfg in (config.get("tasks") or {}).items():
         name = task_cfg.get("head", "linear")
         if name not in heads:
-            raise UserError(f"tasks.{task}.head={name} is not one of the heads ({', '.join(heads) or 'none defined'}); "
-                            f"pick one of those, or define heads.{name}")
+            raise UserError(
+                f"tasks.{task}.head={name} is not one of the heads ({', '.join(heads) or 'none defined'}); "
+                f"pick one of those, or define heads.{name}"
+            )
         chosen[task] = heads[name]
     return chosen
 
 
 def head_factories(config) -> dict[str, HeadFactory]:
     """{task: what builds its head} (see head_configs): one of HEAD_CLASSES with the config's numbers."""
-    return {task: head_factory(head, f"heads.{config['tasks'][task].get('head', 'linear')}")
-            for task, head in head_configs(config).items()}
+    return {
+        task: head_factory(head, f"heads.{config['tasks'][task].get('head', 'linear')}")
+        for task, head in head_configs(config).items()
+    }
 
 
 def head_factory(head_cfg: dict, key: str) -> HeadFactory:
@@ -213,8 +248,10 @@ def freeze_backbone(model: CardNet, trainable: list[str] | None) -> CardNet:
         names = {name for name, _ in model.backbone.named_children()}
         unknown = [t for t in trainable if t not in names]
         if unknown:
-            raise UserError(f"freeze.trainable names {unknown}, which {model.backbone_name} does not have "
-                            f"(its top-level modules: {', '.join(sorted(names))})")
+            raise UserError(
+                f"freeze.trainable names {unknown}, which {model.backbone_name} does not have "
+                f"(its top-level modules: {', '.join(sorted(names))})"
+            )
         for name, param in model.backbone.named_parameters():
             param.requires_grad = name.split(".")[0] in trainable
     return model
@@ -229,8 +266,9 @@ def keep_frozen_batchnorm_in_eval(model: nn.Module) -> None:
                 module.eval()
 
 
-def with_parameter_groups(model: CardNet, optimizer: str, lr_backbone: float | None = None,
-                          lr_heads: float | None = None, **options) -> torch.optim.Optimizer:
+def with_parameter_groups(
+    model: CardNet, optimizer: str, lr_backbone: float | None = None, lr_heads: float | None = None, **options
+) -> torch.optim.Optimizer:
     """The torch optimizer class `optimizer` (e.g. "torch.optim.AdamW") with its `options` (lr,
     weight_decay, ...) over the model's two named parameter groups, backbone and heads, each on its
     own learning rate where given. conf/optimizer/*.yaml instantiate it as a partial taking the model."""

@@ -9,8 +9,8 @@ each seed's best checkpoint and measures, for its embedding-head task (identific
    the seed's validation images; never seen: every screenshot of the held-out cards), and at the
    checkpoint's calibrated threshold, the known images accepted and the unseen ones rejected;
 2. after enrolling every held-out card at once from 1 (and from 3) of its screenshots, drawn by the
-   seed, as `python -m balatro_train.enroll` does (with its colour-inverted view): top-1 on the held-out cards' other screenshots, and the
-   change in top-1 on the known validation images;
+   seed, as `python -m balatro_train.enroll` does (with its colour-inverted view): top-1 on the held-out
+   cards' other screenshots, and the change in top-1 on the known validation images;
 3. the time enrolling one card takes: reading its screenshots, embedding them (and their inverted
    views), adding the prototype
    (the mean over the held-out cards, 3 screenshots each; no training step, no file written).
@@ -88,12 +88,19 @@ def seed_result(job: Path) -> dict | None:
     known_right, known_scores = top1_and_scores(recognizer, known)
     unseen_scores = recognizer.max_cosines(recognizer.logits([images[f] for f in split["held_out"]]))[task]
     threshold = recognizer.thresholds[task]
-    result = {"seed": seed, "task": task, "held_out_cards": 0, "threshold": threshold,
-              "auroc": binary_auroc(torch.cat([known_scores, unseen_scores]),
-                                    torch.cat([torch.ones(len(known)), torch.zeros(len(unseen_scores))]).long()).item(),
-              "known_accepted": (known_scores >= threshold).float().mean().item(),
-              "unseen_rejected": (unseen_scores < threshold).float().mean().item(),
-              "known_top1": known_right.mean().item()}
+    result = {
+        "seed": seed,
+        "task": task,
+        "held_out_cards": 0,
+        "threshold": threshold,
+        "auroc": binary_auroc(
+            torch.cat([known_scores, unseen_scores]),
+            torch.cat([torch.ones(len(known)), torch.zeros(len(unseen_scores))]).long(),
+        ).item(),
+        "known_accepted": (known_scores >= threshold).float().mean().item(),
+        "unseen_rejected": (unseen_scores < threshold).float().mean().item(),
+        "known_top1": known_right.mean().item(),
+    }
     by_card = defaultdict(list)
     for f in split["held_out"]:
         by_card[str(samples[f].meta[field])].append(f)
@@ -103,8 +110,9 @@ def seed_result(job: Path) -> dict | None:
         chosen = {card: [files[i] for i in rng.permutation(len(files))] for card, files in by_card.items()}
         enrol_files = [f for files in chosen.values() for f in files[:shots]]
         test_files = [f for files in chosen.values() for f in files[shots:]]
-        enrolled, _ = enroll(state, *embedded(recognizer, [images[f] for f in enrol_files],
-                                              [samples[f].meta for f in enrol_files]))
+        enrolled, _ = enroll(
+            state, *embedded(recognizer, [images[f] for f in enrol_files], [samples[f].meta for f in enrol_files])
+        )
         after = Recognizer(enrolled, "cpu")
         result[f"enrolled_top1_{shots}shot"] = top1_and_scores(after, test_files)[0].mean().item()
         result[f"known_top1_change_{shots}shot"] = top1_and_scores(after, known)[0].mean().item() - result["known_top1"]
@@ -129,30 +137,51 @@ def write_report(sweep_dir: Path) -> dict:
     if not results:
         log.warning("no finished job with held-out cards and an embedding head in %s: no open-set report", sweep_dir)
         return {}
-    report = {"sweep": str(sweep_dir), "seeds": [r["seed"] for r in results], "task": results[0]["task"],
-              "held_out_cards": results[0]["held_out_cards"],
-              "figures": {key: mean_ci([r[key] for r in results]) for key in FIGURES}, "per_seed": results}
+    report = {
+        "sweep": str(sweep_dir),
+        "seeds": [r["seed"] for r in results],
+        "task": results[0]["task"],
+        "held_out_cards": results[0]["held_out_cards"],
+        "figures": {key: mean_ci([r[key] for r in results]) for key in FIGURES},
+        "per_seed": results,
+    }
     (sweep_dir / "openset.json").write_text(json.dumps(report, indent=1))
     (sweep_dir / "openset.md").write_text(markdown(report))
-    log.info("open set over %d seeds: AUROC %.3f, enrolled from 1: %.3f, from 3: %.3f; report: %s", len(results),
-             report["figures"]["auroc"]["mean"], report["figures"]["enrolled_top1_1shot"]["mean"],
-             report["figures"]["enrolled_top1_3shot"]["mean"], sweep_dir / "openset.md")
+    log.info(
+        "open set over %d seeds: AUROC %.3f, enrolled from 1: %.3f, from 3: %.3f; report: %s",
+        len(results),
+        report["figures"]["auroc"]["mean"],
+        report["figures"]["enrolled_top1_1shot"]["mean"],
+        report["figures"]["enrolled_top1_3shot"]["mean"],
+        sweep_dir / "openset.md",
+    )
     return report
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Cards never seen in training, over {len(report['seeds'])} seeds: {report['sweep']}", "",
-             f"Seeds {report['seeds']}; task {report['task']}; {report['held_out_cards']} cards held out of training "
-             f"per seed. Mean ± half-width of the 95% confidence interval over the seeds.", "",
-             "| figure | value |", "|---|---|"]
-    lines += [f"| {title} | {report['figures'][key]['mean']:.3f} ± {report['figures'][key]['ci95']:.3f} |"
-              for key, title in FIGURES.items()]
+    lines = [
+        f"# Cards never seen in training, over {len(report['seeds'])} seeds: {report['sweep']}",
+        "",
+        f"Seeds {report['seeds']}; task {report['task']}; {report['held_out_cards']} cards held out of training "
+        f"per seed. Mean ± half-width of the 95% confidence interval over the seeds.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| {title} | {report['figures'][key]['mean']:.3f} ± {report['figures'][key]['ci95']:.3f} |"
+        for key, title in FIGURES.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    for_each_sweep_dir("python -m balatro_train.openset", "Write openset.md and openset.json of open-set benchmark sweeps.",
-                       write_report, argv)
+    for_each_sweep_dir(
+        "python -m balatro_train.openset",
+        "Write openset.md and openset.json of open-set benchmark sweeps.",
+        write_report,
+        argv,
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,13 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from balatro_train.errors import UserError
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 2,
-                  warmup_start_factor: float = 0.1, eta_min: float = 1e-6) -> LRScheduler:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    warmup_epochs: int = 2,
+    warmup_start_factor: float = 0.1,
+    eta_min: float = 1e-6,
+) -> LRScheduler:
     """Linear warmup from `warmup_start_factor` x lr over `warmup_epochs`, then cosine decay to
     `eta_min` by the last epoch; stepped once per epoch, as torchvision's reference recipe does."""
     warmup_epochs = min(warmup_epochs, epochs - 1)

@@ -17,8 +17,9 @@ from pathlib import Path
 from balatro_train.errors import UserError
 
 
-def check_outputs(key: str, value: str, outputs: Iterable[tuple[Path, str]], inputs: Iterable[tuple[Path, str]],
-                  overwrite: bool) -> None:
+def check_outputs(
+    key: str, value: str, outputs: Iterable[tuple[Path, str]], inputs: Iterable[tuple[Path, str]], overwrite: bool
+) -> None:
     """Refuse, in one line naming `key=value` (the path given, or the default taken, as the user should
     read it), to write any of `outputs` over one of `inputs`, always, or over another existing file
     unless `overwrite`. `outputs`: (path, role), role "" for the file `key` names, else what the file
@@ -32,7 +33,9 @@ def check_outputs(key: str, value: str, outputs: Iterable[tuple[Path, str]], inp
             continue  # every input exists, so a path that does not cannot be one
         for source, what in inputs:
             if source.exists() and os.path.samefile(path, source):  # through symlinks and hard links too
-                raise UserError(f"{written} is {what}: outputs never replace inputs, not even with "
-                                f"overwrite=true; give another {key}=")
+                raise UserError(
+                    f"{written} is {what}: outputs never replace inputs, not even with "
+                    f"overwrite=true; give another {key}="
+                )
         if not overwrite:
             raise UserError(f"{written} already exists; give another {key}=, or add overwrite=true to replace it")

@@ -32,11 +32,11 @@ import hydra
 from omegaconf import DictConfig
 
 from balatro_train.atomic import save_bytes
+from balatro_train.config import CONFIG_DIR
 from balatro_train.embedding import UNKNOWN
 from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.image_files import find_images
 from balatro_train.inference import Recognizer, log_to_stderr, resolve_checkpoint
-from balatro_train.config import CONFIG_DIR
 from balatro_train.outputs import check_outputs
 
 log = logging.getLogger("balatro_train.predict")
@@ -79,8 +79,11 @@ def predict(cfg: DictConfig) -> dict:
         for task, per_image in top.items():
             indices, probs = per_image[n]
             raw[task] = {"indices": indices, "probs": probs}
-            labels[task] = [{"label": recognizer.class_names[task][i], "probability": p}
-                            for i, p in zip(indices, probs) if cfg.threshold is None or p >= cfg.threshold]
+            labels[task] = [
+                {"label": recognizer.class_names[task][i], "probability": p}
+                for i, p in zip(indices, probs, strict=True)
+                if cfg.threshold is None or p >= cfg.threshold
+            ]
             if task in scores:
                 score, threshold = scores[task][n].item(), recognizer.thresholds[task]
                 raw[task].update(score=score, threshold=threshold)
@@ -101,8 +104,10 @@ def predict(cfg: DictConfig) -> dict:
 
 def inputs(checkpoint: Path, images: list[Path], spec) -> list[tuple[Path, str]]:
     """What predict reads, as outputs.check_outputs names them."""
-    return [(checkpoint, f"the checkpoint it reads (checkpoint={checkpoint})"),
-            *((path, f"the image {path} it reads (images={spec})") for path in images)]
+    return [
+        (checkpoint, f"the checkpoint it reads (checkpoint={checkpoint})"),
+        *((path, f"the image {path} it reads (images={spec})") for path in images),
+    ]
 
 
 def result_keys(paths: list[Path]) -> list[str]:

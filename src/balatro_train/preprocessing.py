@@ -20,7 +20,6 @@ import albumentations as A
 import numpy as np
 from PIL import Image, ImageOps
 
-
 SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I")  # how Pillow opens a 16-bit greyscale PNG
 
 
@@ -84,8 +83,11 @@ class Preprocessing:
 
     def to_dict(self) -> dict:
         """For the checkpoint: plain data only."""
-        return {"image_size": self.image_size, "background": list(self.background),
-                "val_transforms": self.val_transforms}
+        return {
+            "image_size": self.image_size,
+            "background": list(self.background),
+            "val_transforms": self.val_transforms,
+        }
 
     def pipeline(self) -> A.Compose:
         return A.from_dict(self.val_transforms)
@@ -104,7 +106,8 @@ def as_pil(image) -> Image.Image:
         return image
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ValueError(f"expected an HxWx3 (RGB) or HxWx4 (RGBA) uint8 array, got {image.dtype} "
-                             f"with shape {image.shape}")
+            raise ValueError(
+                f"expected an HxWx3 (RGB) or HxWx4 (RGBA) uint8 array, got {image.dtype} with shape {image.shape}"
+            )
         return Image.fromarray(image, "RGB" if image.shape[2] == 3 else "RGBA")
     raise TypeError(f"expected a PIL image or a numpy array, got {type(image).__name__}")

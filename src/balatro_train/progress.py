@@ -46,8 +46,19 @@ def bar_for(iterable, desc: str, show: bool = True, **kwargs):
     if columns is None:
         yield iterable, None
         return
-    with logging_redirect_tqdm(), tqdm(iterable, desc=desc, leave=False, file=sys.stderr, ncols=columns,
-                                       bar_format=BAR_FORMAT, dynamic_ncols=False, **kwargs) as bar:
+    with (
+        logging_redirect_tqdm(),
+        tqdm(
+            iterable,
+            desc=desc,
+            leave=False,
+            file=sys.stderr,
+            ncols=columns,
+            bar_format=BAR_FORMAT,
+            dynamic_ncols=False,
+            **kwargs,
+        ) as bar,
+    ):
         yield bar, bar
 
 
@@ -63,6 +74,7 @@ class TrainingProgress:
     running mean of the combined loss (the number the epoch line reports as train_loss) and images/s,
     and TensorBoard gets the combined loss of the steps since the last read (train_steps/loss, at the
     run's optimizer step). With no terminal and no writer (other processes) nothing is read back."""
+
     desc: str = "training"
     combine: Any = max
     every: int = 20
@@ -92,8 +104,9 @@ class TrainingProgress:
         if self.writer is not None:
             since = sums - (self.last if self.last is not None else np.zeros_like(sums))
             if all(count > 0 for _, count in since):
-                self.writer.add_scalar(STEP_LOSS, self.combine([float(t / c) for t, c in since]),
-                                       (self.epoch - 1) * self.total + self.step)
+                self.writer.add_scalar(
+                    STEP_LOSS, self.combine([float(t / c) for t, c in since]), (self.epoch - 1) * self.total + self.step
+                )
             self.last = sums
         if self.bar is not None:
             rate = (seen - self.seen_at_start) * self.world / max(time.perf_counter() - self.started, 1e-9)

@@ -4,8 +4,9 @@
 same recipe on K seeds side by side; `QualityReport`, a Hydra callback it registers, then reads each
 job's run folder (metrics.jsonl, split.json, val_predictions.json, its saved config) and writes:
 
-* per task: top-1 and macro F1 (NaN where the task declares no f1 metric) of each seed's best epoch, their mean and 95% confidence interval
-  (Student's t over the seeds: one split of a few hundred images is noisy by several points);
+* per task: top-1 and macro F1 (NaN where the task declares no f1 metric) of each seed's best epoch, their
+  mean and 95% confidence interval (Student's t over the seeds: one split of a few hundred images is noisy
+  by several points);
 * identification top-1 by how many training screenshots the card had (1, 2-4, 5+): what a user
   with one or two screenshots of a card can expect;
 * identification top-1 by edition (the validation image's modifier): is a Foil card still recognised?
@@ -54,9 +55,14 @@ def seed_result(job: Path) -> dict | None:
     predictions = json.loads(predictions_file.read_text())
     split = json.loads((job / "split.json").read_text())
     originals = {s.file: s.meta for s in read_labels(cfg.dataset.labels_file, cfg.dataset.root)}
-    result = {"seed": int(cfg.seed), "best_epoch": best["epoch"], "top1": {}, "f1": {},
-              "seconds": sum(r["epoch_seconds"] for r in rows),
-              "images_per_sec": statistics.fmean(r["train_images_per_sec"] for r in rows)}
+    result = {
+        "seed": int(cfg.seed),
+        "best_epoch": best["epoch"],
+        "top1": {},
+        "f1": {},
+        "seconds": sum(r["epoch_seconds"] for r in rows),
+        "images_per_sec": statistics.fmean(r["train_images_per_sec"] for r in rows),
+    }
     for task in next(iter(predictions.values())):
         pairs = [(p[task]["true"], p[task]["pred"]) for p in predictions.values()]
         result["top1"][task] = sum(t == p for t, p in pairs) / len(pairs)
@@ -78,8 +84,13 @@ def seed_result(job: Path) -> dict | None:
 def pooled(results: list[dict], key: str) -> dict:
     """Per group (bucket or edition): mean over seeds of its top-1, with the CI, and the images it had."""
     groups = sorted({g for r in results for g in r.get(key, {})})
-    return {g: {**mean_ci([r[key][g][0] for r in results if g in r[key]]),
-                "images_per_seed": statistics.fmean(r[key][g][1] for r in results if g in r[key])} for g in groups}
+    return {
+        g: {
+            **mean_ci([r[key][g][0] for r in results if g in r[key]]),
+            "images_per_seed": statistics.fmean(r[key][g][1] for r in results if g in r[key]),
+        }
+        for g in groups
+    }
 
 
 def write_report(sweep_dir: Path, wall_seconds: float | None = None) -> dict:
@@ -88,17 +99,27 @@ def write_report(sweep_dir: Path, wall_seconds: float | None = None) -> dict:
         log.warning("no finished job with val_predictions.json in %s: no quality report", sweep_dir)
         return {}
     tasks = list(results[0]["top1"])
-    report = {"sweep": str(sweep_dir), "seeds": [r["seed"] for r in results],
-              "wall_seconds": wall_seconds, "images_per_sec": statistics.fmean(r["images_per_sec"] for r in results),
-              "tasks": {t: {"top1": mean_ci([r["top1"][t] for r in results]),
-                            "f1": mean_ci([r["f1"][t] for r in results])} for t in tasks},
-              "identification_by_training_count": pooled(results, "identification_by_training_count"),
-              "identification_by_edition": pooled(results, "identification_by_edition"), "per_seed": results}
+    report = {
+        "sweep": str(sweep_dir),
+        "seeds": [r["seed"] for r in results],
+        "wall_seconds": wall_seconds,
+        "images_per_sec": statistics.fmean(r["images_per_sec"] for r in results),
+        "tasks": {
+            t: {"top1": mean_ci([r["top1"][t] for r in results]), "f1": mean_ci([r["f1"][t] for r in results])}
+            for t in tasks
+        },
+        "identification_by_training_count": pooled(results, "identification_by_training_count"),
+        "identification_by_edition": pooled(results, "identification_by_edition"),
+        "per_seed": results,
+    }
     (sweep_dir / "quality.json").write_text(json.dumps(report, indent=1))
     (sweep_dir / "quality.md").write_text(markdown(report))
-    log.info("quality over %d seeds: %s; report: %s", len(results), "  ".join(
-        f"{t}/top1 {v['top1']['mean']:.3f} ± {v['top1']['ci95']:.3f}" for t, v in report["tasks"].items()),
-        sweep_dir / "quality.md")
+    log.info(
+        "quality over %d seeds: %s; report: %s",
+        len(results),
+        "  ".join(f"{t}/top1 {v['top1']['mean']:.3f} ± {v['top1']['ci95']:.3f}" for t, v in report["tasks"].items()),
+        sweep_dir / "quality.md",
+    )
     return report
 
 
@@ -107,13 +128,20 @@ def markdown(report: dict) -> str:
         return f"{v['mean']:.3f} ± {v['ci95']:.3f}"
 
     wall = f"{report['wall_seconds']:.0f} s" if report["wall_seconds"] else "not measured"
-    lines = [f"# Quality over {len(report['seeds'])} seeded splits: {report['sweep']}", "",
-             f"Seeds {report['seeds']}; mean ± half-width of the 95% confidence interval over the seeds. "
-             f"Wall time {wall}; training {report['images_per_sec']:.0f} images/s per job.", "",
-             "| task | top-1 | macro F1 |", "|---|---|---|"]
+    lines = [
+        f"# Quality over {len(report['seeds'])} seeded splits: {report['sweep']}",
+        "",
+        f"Seeds {report['seeds']}; mean ± half-width of the 95% confidence interval over the seeds. "
+        f"Wall time {wall}; training {report['images_per_sec']:.0f} images/s per job.",
+        "",
+        "| task | top-1 | macro F1 |",
+        "|---|---|---|",
+    ]
     lines += [f"| {t} | {cell(v['top1'])} | {cell(v['f1'])} |" for t, v in report["tasks"].items()]
-    for key, title in (("identification_by_training_count", "Identification top-1 by training screenshots of the card"),
-                       ("identification_by_edition", "Identification top-1 by edition")):
+    for key, title in (
+        ("identification_by_training_count", "Identification top-1 by training screenshots of the card"),
+        ("identification_by_edition", "Identification top-1 by edition"),
+    ):
         if report[key]:
             lines += ["", f"## {title}", "", "| group | top-1 | validation images per seed |", "|---|---|---|"]
             lines += [f"| {g} | {cell(v)} | {v['images_per_seed']:.0f} |" for g, v in report[key].items()]
@@ -121,8 +149,10 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    for_each_sweep_dir("python -m balatro_train.quality", "Write quality.md and quality.json of benchmark sweeps.",
-                       write_report, argv)
+    for_each_sweep_dir(
+        "python -m balatro_train.quality", "Write quality.md and quality.json of benchmark sweeps.", write_report, argv
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -53,9 +53,11 @@ def check_run_folder(folder: Path, resume: str | None) -> None:
     """Refuse a folder that holds another run: its metrics.jsonl, checkpoints and TensorBoard events would
     be mixed with this run's. Only a run resuming from one of that folder's checkpoints may go on in it."""
     if holds_a_run(folder) and not resumes_from(folder, resume):
-        raise UserError(f"{folder} already holds a run (metrics.jsonl, checkpoints/): to continue it, add "
-                        f"resume={Path(folder) / 'checkpoints' / 'last.pt'}; to start another, give a new "
-                        f"hydra.run.dir= (or leave it out: each run then gets a folder of its own)")
+        raise UserError(
+            f"{folder} already holds a run (metrics.jsonl, checkpoints/): to continue it, add "
+            f"resume={Path(folder) / 'checkpoints' / 'last.pt'}; to start another, give a new "
+            f"hydra.run.dir= (or leave it out: each run then gets a folder of its own)"
+        )
 
 
 def given_on_command_line(config: DictConfig, key: str) -> bool:

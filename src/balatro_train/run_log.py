@@ -27,16 +27,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import OmegaConf
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2, summary_v2
 from torch.utils.tensorboard import SummaryWriter
 
 from balatro_train.errors import Interrupted
+from balatro_train.metrics import (
+    confusion_counts,
+    confusion_figure,
+    confusion_summary,
+    confusion_summary_markdown,
+    misclassified_grid,
+    scalars_and_matrices,
+    write_confusion_summaries,
+)
 from balatro_train.progress import TrainingProgress, progress_bar
-from balatro_train.metrics import (confusion_counts, confusion_figure, confusion_summary, confusion_summary_markdown,
-                                   misclassified_grid, scalars_and_matrices, write_confusion_summaries)
 
 log = logging.getLogger("balatro_train")
 COMBINE = {"max": max, "mean": lambda values: sum(values) / len(values), "sum": sum}  # trainer.combine_losses
@@ -49,6 +55,7 @@ class HParams:
     """A run's hyper-parameters for TensorBoard's HPARAMS view: `values` (str, bool, int or float, by
     config key or group name), the keys a sweep varies (`swept`: listed first, ticked in HPARAMS), and
     the name of its folder inside tb/ ("": tb/ itself)."""
+
     values: dict[str, Any]
     swept: tuple[str, ...] = ()
     name: str = ""
@@ -62,11 +69,17 @@ class HParams:
 
 def main_values(cfg) -> dict[str, Any]:
     """The numbers every run reports in HPARAMS, whether or not they were chosen on the command line."""
-    values = {"seed": cfg.seed, "data.image_size": cfg.data.image_size, "trainer.batch_size": cfg.trainer.batch_size,
-              "trainer.epochs": cfg.trainer.epochs, "trainer.precision": cfg.trainer.precision,
-              "data.weighted_sampler": cfg.data.weighted_sampler, "data.recolour": cfg.data.recolour,
-              "model.backbone": cfg.model.get("backbone"),
-              "optimizer.optimizer": cfg.optimizer.get("optimizer")}
+    values = {
+        "seed": cfg.seed,
+        "data.image_size": cfg.data.image_size,
+        "trainer.batch_size": cfg.trainer.batch_size,
+        "trainer.epochs": cfg.trainer.epochs,
+        "trainer.precision": cfg.trainer.precision,
+        "data.weighted_sampler": cfg.data.weighted_sampler,
+        "data.recolour": cfg.data.recolour,
+        "model.backbone": cfg.model.get("backbone"),
+        "optimizer.optimizer": cfg.optimizer.get("optimizer"),
+    }
     values.update({f"optimizer.{k}": v for k, v in cfg.optimizer.items() if k.startswith("lr")})
     return {k: hparam_value(v) for k, v in values.items() if v is not None}
 
@@ -106,8 +119,13 @@ class RunLog:
     def __exit__(self, kind, error, traceback) -> None:
         if not self.enabled:
             return
-        status = (api_pb2.STATUS_SUCCESS if kind is None else
-                  api_pb2.STATUS_UNKNOWN if issubclass(kind, (Interrupted, KeyboardInterrupt)) else api_pb2.STATUS_FAILURE)
+        status = (
+            api_pb2.STATUS_SUCCESS
+            if kind is None
+            else api_pb2.STATUS_UNKNOWN
+            if issubclass(kind, (Interrupted, KeyboardInterrupt))
+            else api_pb2.STATUS_FAILURE
+        )
         self.writers["."].file_writer.add_summary(session_end_pb(status), 0)
         for writer in self.writers.values():
             writer.close()
@@ -144,18 +162,31 @@ class RunLog:
             declared = scalars_and_matrices(task_results)[1].get("confusion_matrix")  # gathered from every process
             matrix = declared if declared is not None else counts
             val.add_figure(f"{task}/confusion_matrix", confusion_figure(matrix, names, f"{task}, epoch {epoch}"), epoch)
-            grid = misclassified_grid(images, [names[i] for i in truth], [names[i] for i in predicted], 16,
-                                      validation.confidences[task].tolist())
+            grid = misclassified_grid(
+                images,
+                [names[i] for i in truth],
+                [names[i] for i in predicted],
+                16,
+                validation.confidences[task].tolist(),
+            )
             val.add_image(f"{task}/misclassified", grid, epoch, dataformats="HWC")
-            header = (f"**{task}, epoch {epoch}**: {counts.sum() - np.trace(counts)} of {counts.sum()} validation "
-                      f"images wrong; classes by F1, worst first.\n\n")
-            val.add_text(f"{task}/confusion_summary",
-                         header + confusion_summary_markdown(summaries[task], SUMMARY_ROWS_IN_TENSORBOARD), epoch)
+            header = (
+                f"**{task}, epoch {epoch}**: {counts.sum() - np.trace(counts)} of {counts.sum()} validation "
+                f"images wrong; classes by F1, worst first.\n\n"
+            )
+            val.add_text(
+                f"{task}/confusion_summary",
+                header + confusion_summary_markdown(summaries[task], SUMMARY_ROWS_IN_TENSORBOARD),
+                epoch,
+            )
         if improved and self.world == 1:  # every validation image's answer: one process scored them all
             write_predictions(self.out_dir / "val_predictions.json", data, validation)
         if improved:
-            write_confusion_summaries(self.out_dir, summaries, f"best epoch {epoch}"
-                                      + ("" if self.world == 1 else f", this process's 1/{self.world} of validation"))
+            write_confusion_summaries(
+                self.out_dir,
+                summaries,
+                f"best epoch {epoch}" + ("" if self.world == 1 else f", this process's 1/{self.world} of validation"),
+            )
         for writer in self.writers.values():
             writer.flush()
 
@@ -186,8 +217,15 @@ class RunLog:
     # ---- the terminal ---------------------------------------------------------------------------------
 
     def training_progress(self, epoch: int) -> TrainingProgress:
-        return TrainingProgress(f"epoch {epoch}/{self.epochs}", self.combine, self.every, epoch, self.world,
-                                self.writers.get("train"), show=self.enabled)
+        return TrainingProgress(
+            f"epoch {epoch}/{self.epochs}",
+            self.combine,
+            self.every,
+            epoch,
+            self.world,
+            self.writers.get("train"),
+            show=self.enabled,
+        )
 
     def validation_bar(self, epoch: int):
         """Wraps the validation loader in a bar (on a terminal, first process only)."""
@@ -202,22 +240,40 @@ class RunLog:
         if best.is_file() or not self.enabled:
             log.info("best val_loss %.4f at epoch %d: %s", progress.best_val_loss, best_row["epoch"], best)
         else:
-            log.warning("best val_loss %.4f at epoch %d, before the resume; its checkpoint was not found beside %s, "
-                        "so this run has no best.pt (its last.pt is %s)", progress.best_val_loss, best_row["epoch"],
-                        resumed_from, checkpoints / "last.pt")
+            log.warning(
+                "best val_loss %.4f at epoch %d, before the resume; its checkpoint was not found beside %s, "
+                "so this run has no best.pt (its last.pt is %s)",
+                progress.best_val_loss,
+                best_row["epoch"],
+                resumed_from,
+                checkpoints / "last.pt",
+            )
         if self.enabled:
-            self.writers["."].add_text("summary", run_summary(progress.history, best_row, best if best.is_file() else None,
-                                                              self.out_dir), progress.history[-1]["epoch"])
+            self.writers["."].add_text(
+                "summary",
+                run_summary(progress.history, best_row, best if best.is_file() else None, self.out_dir),
+                progress.history[-1]["epoch"],
+            )
 
 
 def run_summary(history: list[dict], best_row: dict, best: Path | None, out_dir: Path) -> str:
-    lines = [f"**Best epoch {best_row['epoch']}** of {history[-1]['epoch']}: combined validation loss "
-             f"{best_row['val_loss']:.4f}.", "",
-             f"- checkpoint: `{best}`" if best else "- no best.pt in this run folder (the best epoch came before the resume)",
-             f"- run folder: `{out_dir}`; confusion summary of the best epoch: `confusion_summary.md`", "",
-             "| metric (best epoch) | value |", "|---|---:|"]
-    lines += [f"| {key} | {value:.4f} |" for key, value in best_row.items()
-              if key != "epoch" and not key.startswith("lr") and isinstance(value, (int, float))]
+    lines = [
+        f"**Best epoch {best_row['epoch']}** of {history[-1]['epoch']}: combined validation loss "
+        f"{best_row['val_loss']:.4f}.",
+        "",
+        f"- checkpoint: `{best}`"
+        if best
+        else "- no best.pt in this run folder (the best epoch came before the resume)",
+        f"- run folder: `{out_dir}`; confusion summary of the best epoch: `confusion_summary.md`",
+        "",
+        "| metric (best epoch) | value |",
+        "|---|---:|",
+    ]
+    lines += [
+        f"| {key} | {value:.4f} |"
+        for key, value in best_row.items()
+        if key != "epoch" and not key.startswith("lr") and isinstance(value, (int, float))
+    ]
     return "\n".join(lines)
 
 
@@ -228,24 +284,36 @@ def write_predictions(path: Path, data, validation) -> None:
     rows = {file: {} for file in files}
     for task, predicted in validation.predictions.items():
         names, truth = data.class_names[task], data.val.targets[task][validation.scored]
-        for file, true, pred in zip(files, truth.tolist(), predicted.tolist()):
+        for file, true, pred in zip(files, truth.tolist(), predicted.tolist(), strict=True):
             rows[file][task] = {"true": names[true], "pred": names[pred]}
     path.write_text(json.dumps(rows, indent=0))
 
 
-def epoch_row(epoch: int, combine_rule: str, train_loss_means: dict, val_losses: dict[str, float],
-              results: dict[str, dict[str, torch.Tensor]], lrs: dict[str, float], seconds: float,
-              images_per_sec: float) -> dict:
-    """metrics.jsonl's row: the combined losses, learning rates and timing, then per task its losses and
-    every scalar metric (matrices are figures, not numbers)."""
-    combine = COMBINE[combine_rule]
+def epoch_row(
+    epoch: int,
+    combine_rule: str,
+    train_loss_means: dict,
+    validation,
+    lrs: dict[str, float],
+    started: float,
+    images_per_sec: float,
+) -> dict:
+    """metrics.jsonl's row: the combined losses, learning rates and timing (the epoch `started` at this
+    time.perf_counter()), then per task its losses and every scalar metric (matrices are figures, not numbers)."""
+    combine, val_losses, results = COMBINE[combine_rule], validation.losses, validation.results
+    seconds = time.perf_counter() - started
     with warnings.catch_warnings():  # an epoch resumed after its last step has restored sums and no update
         warnings.filterwarnings("ignore", message=r"The ``compute`` method of metric MeanMetric was called before")
         train_losses = {task: mean.compute().item() for task, mean in train_loss_means.items()}
-    row = {"epoch": epoch, "train_loss": combine(list(train_losses.values())),
-           "val_loss": combine(list(val_losses.values())), "lr": list(lrs.values())[-1],
-           **{f"lr/{name}": value for name, value in lrs.items()},
-           "epoch_seconds": round(seconds, 3), "train_images_per_sec": round(images_per_sec, 2)}
+    row = {
+        "epoch": epoch,
+        "train_loss": combine(list(train_losses.values())),
+        "val_loss": combine(list(val_losses.values())),
+        "lr": list(lrs.values())[-1],
+        **{f"lr/{name}": value for name, value in lrs.items()},
+        "epoch_seconds": round(seconds, 3),
+        "train_images_per_sec": round(images_per_sec, 2),
+    }
     for task in train_losses:
         row[f"{task}/train_loss"], row[f"{task}/val_loss"] = train_losses[task], val_losses[task]
         row.update({f"{task}/{name}": value for name, value in scalars_and_matrices(results[task])[0].items()})
@@ -253,30 +321,52 @@ def epoch_row(epoch: int, combine_rule: str, train_loss_means: dict, val_losses:
 
 
 def log_epoch(row: dict, epochs: int, improved: bool, tasks: list[str]) -> None:
-    log.info("epoch %d/%d  train_loss %.4f  val_loss %.4f%s  %s  lr %.2e  %.1fs  %.0f img/s",
-             row["epoch"], epochs, row["train_loss"], row["val_loss"], " *" if improved else "",
-             "  ".join(f"{t}/top1 {row[f'{t}/top1_acc']:.3f}" for t in tasks if f"{t}/top1_acc" in row),
-             row["lr"], row["epoch_seconds"], row["train_images_per_sec"])
+    log.info(
+        "epoch %d/%d  train_loss %.4f  val_loss %.4f%s  %s  lr %.2e  %.1fs  %.0f img/s",
+        row["epoch"],
+        epochs,
+        row["train_loss"],
+        row["val_loss"],
+        " *" if improved else "",
+        "  ".join(f"{t}/top1 {row[f'{t}/top1_acc']:.3f}" for t in tasks if f"{t}/top1_acc" in row),
+        row["lr"],
+        row["epoch_seconds"],
+        row["train_images_per_sec"],
+    )
 
 
 # ---- HPARAMS' summaries, without TensorFlow ----------------------------------------------------------------
+
 
 def experiment_pb(hparams: HParams, tasks: list[str], started: float):
     """The HPARAMS experiment, as summary_v2.hparams_config_pb writes it, with each hyper-parameter's type
     and whether the sweep varies it (`differs`: TensorBoard lists and ticks those first), and no domain
     (one job's values alone would filter the other jobs out). Its metrics are tags of the `val` run,
     written every epoch, so running, interrupted and failed runs show their numbers too."""
+
     def dtype(value):
-        return (api_pb2.DATA_TYPE_BOOL if isinstance(value, bool) else api_pb2.DATA_TYPE_FLOAT64
-                if isinstance(value, (int, float)) else api_pb2.DATA_TYPE_STRING)
+        return (
+            api_pb2.DATA_TYPE_BOOL
+            if isinstance(value, bool)
+            else api_pb2.DATA_TYPE_FLOAT64
+            if isinstance(value, (int, float))
+            else api_pb2.DATA_TYPE_STRING
+        )
 
     swept = [k for k in hparams.swept if k in hparams.values]
     order = swept + sorted(k for k in hparams.values if k not in swept)
     infos = [api_pb2.HParamInfo(name=k, type=dtype(hparams.values[k]), differs=k in swept) for k in order]
-    metrics = [summary_v2.Metric(BEST, group="val", display_name="best val loss",
-                                 dataset_type=summary_v2.Metric.VALIDATION).as_proto()]
-    metrics += [summary_v2.Metric(f"{TOP1}/{task}", group="val", display_name=f"{task} top-1",
-                                  dataset_type=summary_v2.Metric.VALIDATION).as_proto() for task in tasks]
+    metrics = [
+        summary_v2.Metric(
+            BEST, group="val", display_name="best val loss", dataset_type=summary_v2.Metric.VALIDATION
+        ).as_proto()
+    ]
+    metrics += [
+        summary_v2.Metric(
+            f"{TOP1}/{task}", group="val", display_name=f"{task} top-1", dataset_type=summary_v2.Metric.VALIDATION
+        ).as_proto()
+        for task in tasks
+    ]
     experiment = api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics, time_created_secs=started)
     return hparams_summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment))
 

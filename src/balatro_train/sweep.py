@@ -57,12 +57,12 @@ class TrialFailed(Exception):
 
 @dataclass
 class JobSummary:
-    job: str                      # the job folder, relative to the sweep folder ("0", "1", ...)
+    job: str  # the job folder, relative to the sweep folder ("0", "1", ...)
     overrides: list[str]
-    status: str                   # "ok" | "failed"
+    status: str  # "ok" | "failed"
     error: str = ""
     best_epoch: int | None = None
-    epochs: int = 0               # epochs in metrics.jsonl
+    epochs: int = 0  # epochs in metrics.jsonl
     best_val_loss: float | None = None
     top1: dict[str, float] = field(default_factory=dict)  # "<task>/top1_acc" -> value at the best epoch
 
@@ -158,14 +158,20 @@ def write_summary(sweep_dir: str | Path) -> list[JobSummary]:
         log.warning("no job folders in %s: the sweep ran no job", sweep_dir)
     elif failed:
         named = "; ".join(f"job {job.job}: {job.error}" for job in failed[:3]) + ("; ..." if len(failed) > 3 else "")
-        log.warning("%d of %d sweep jobs failed (%s); summary: %s", len(failed), len(jobs), named,
-                    sweep_dir / "summary.md")
+        log.warning(
+            "%d of %d sweep jobs failed (%s); summary: %s", len(failed), len(jobs), named, sweep_dir / "summary.md"
+        )
     else:
         log.info("all %d sweep jobs ok, 0 failed; summary: %s", len(jobs), sweep_dir / "summary.md")
     if jobs and jobs[0].status == "ok":
         best, common = jobs[0], common_overrides(jobs)
-        log.info("best job %s: val_loss %.4f at epoch %d  %s", best.job, best.best_val_loss, best.best_epoch,
-                 " ".join(o for o in best.overrides if o not in common))
+        log.info(
+            "best job %s: val_loss %.4f at epoch %d  %s",
+            best.job,
+            best.best_val_loss,
+            best.best_epoch,
+            " ".join(o for o in best.overrides if o not in common),
+        )
     return jobs
 
 
@@ -232,8 +238,18 @@ def summary_csv(jobs: list[JobSummary], tasks: list[str]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow([*SUMMARY_FIELDS, *tasks, "overrides", "error"])
     for job in jobs:
-        writer.writerow([job.job, job.status, blank(job.best_epoch), job.epochs, blank(job.best_val_loss),
-                         *(blank(job.top1.get(task)) for task in tasks), " ".join(job.overrides), job.error])
+        writer.writerow(
+            [
+                job.job,
+                job.status,
+                blank(job.best_epoch),
+                job.epochs,
+                blank(job.best_val_loss),
+                *(blank(job.top1.get(task)) for task in tasks),
+                " ".join(job.overrides),
+                job.error,
+            ]
+        )
     return out.getvalue()
 
 
@@ -241,9 +257,12 @@ def summary_md(jobs: list[JobSummary], tasks: list[str], sweep_dir: Path) -> str
     """A table for people: the overrides all jobs share are said once, above it."""
     common = common_overrides(jobs)
     failed = sum(job.status != "ok" for job in jobs)
-    lines = [f"# Sweep summary: {sweep_dir}", "",
-             f"{len(jobs)} jobs: {len(jobs) - failed} ok, {failed} failed. Best validation loss first; "
-             f"top-1 accuracies are those of the best epoch."]
+    lines = [
+        f"# Sweep summary: {sweep_dir}",
+        "",
+        f"{len(jobs)} jobs: {len(jobs) - failed} ok, {failed} failed. Best validation loss first; "
+        f"top-1 accuracies are those of the best epoch.",
+    ]
     if common:
         lines += ["", "Overrides of every job: " + " ".join(f"`{o}`" for o in common)]
     optuna = sweep_dir / "optimization_results.yaml"
@@ -256,8 +275,16 @@ def summary_md(jobs: list[JobSummary], tasks: list[str], sweep_dir: Path) -> str
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for job in jobs:
         overrides = [o for o in job.overrides if o not in common]
-        cells = [job.job, job.status, blank(job.best_epoch), str(job.epochs), number(job.best_val_loss),
-                 *(number(job.top1.get(task)) for task in tasks), " ".join(f"`{o}`" for o in overrides), job.error]
+        cells = [
+            job.job,
+            job.status,
+            blank(job.best_epoch),
+            str(job.epochs),
+            number(job.best_val_loss),
+            *(number(job.top1.get(task)) for task in tasks),
+            " ".join(f"`{o}`" for o in overrides),
+            job.error,
+        ]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -271,8 +298,10 @@ def number(value: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    for_each_sweep_dir("python -m balatro_train.sweep", "Write summary.csv and summary.md of sweep folders.",
-                       write_summary, argv)
+    for_each_sweep_dir(
+        "python -m balatro_train.sweep", "Write summary.csv and summary.md of sweep folders.", write_summary, argv
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -59,14 +59,11 @@ def main(cfg: DictConfig) -> float:
 def train(
     cfg: DictConfig, out_dir: Path, stop: threading.Event | None = None, hparams: HParams | dict | None = None
 ) -> float:
-    """Train as `cfg` says, writing the run folder `out_dir`; returns the best combined validation loss.
-
-    Needs no Hydra runtime: `cfg` is a composed config (the CLI's, or `hydra.compose(...)` in tests).
-    Setting `stop` (the CLI sets it on Ctrl-C) ends the run at the next step with a resumable last.pt.
-    `hparams`: what TensorBoard's HPARAMS view shows of the run (job.py's, from Hydra; by default the
-    main numbers of `cfg`).
-    """
-    cfg, stop = typed_config(cfg), stop or threading.Event()
+    """Train as `cfg` says, writing the run folder `out_dir`; returns the best combined validation loss. Needs
+    no Hydra runtime: `cfg` is a composed config (the CLI's, or `hydra.compose(...)` in tests). Setting `stop`
+    (the CLI does on Ctrl-C) ends the run at the next step with a resumable last.pt. `hparams`: what
+    TensorBoard's HPARAMS view shows (job.py's, from Hydra; by default the main numbers of `cfg`)."""
+    cfg, stop, checkpoints = typed_config(cfg), stop or threading.Event(), out_dir / "checkpoints"
     check_config(cfg)
     seed_everything(cfg.seed)
     process = join(cfg.trainer.device)
@@ -81,8 +78,9 @@ def train(
     start_run_folder(out_dir, run, progress, resumed, cfg.resume)
 
     def checkpoint() -> Checkpoint:
-        return Checkpoint.of_run(cfg, progress, run.model, data, thresholds, run.optimizer, run.scheduler,
-                                 run.scaler, run.averaged)
+        return Checkpoint.of_run(
+            cfg, progress, run.model, data, thresholds, run.optimizer, run.scheduler, run.scaler, run.averaged
+        )
 
     with RunLog(out_dir, cfg, HParams.of(cfg, hparams), list(run.losses), progress.history, process) as run_log:
         for epoch in range(progress.epoch + 1, cfg.trainer.epochs + 1):
@@ -92,23 +90,23 @@ def train(
             trained = train_one_epoch(run, stop, seen, loss_means, run_log.training_progress(epoch))
             if stop.is_set():
                 interrupt(progress, epoch, trained.seen, trained.loss_means, checkpoint, process, out_dir)
-            train_seconds = time.perf_counter() - started
+            images_per_sec = trained.seen * process.world / (time.perf_counter() - started)
             validation = validate(run, run_log.validation_bar(epoch))
             thresholds = unknown_thresholds(run.model.heads, validation.top_logits, cfg.tasks)
-            row = epoch_row(epoch, cfg.trainer.combine_losses, trained.loss_means, validation.losses,
-                            validation.results, lrs, time.perf_counter() - started,
-                            trained.seen * process.world / train_seconds)
-            check_finite(row, out_dir / "checkpoints")
+            row = epoch_row(
+                epoch, cfg.trainer.combine_losses, trained.loss_means, validation, lrs, started, images_per_sec
+            )
+            check_finite(row, checkpoints)
             improved = progress.record(row)
             step_scheduler(run.scheduler, row["val_loss"])
             if process.is_main:
                 run_log.epoch(row, validation, data, improved)
-                save_checkpoints(checkpoint(), out_dir / "checkpoints", epoch, improved, cfg.trainer.checkpoint_interval)
+                save_checkpoints(checkpoint(), checkpoints, epoch, improved, cfg.trainer.checkpoint_interval)
             log_epoch(row, cfg.trainer.epochs, improved, list(run.losses))
             if cfg.trainer.patience and progress.bad_epochs >= cfg.trainer.patience:
                 log.info("early stop: val_loss has not improved for %d epochs", progress.bad_epochs)
                 break
-        run_log.finish(progress, out_dir / "checkpoints", cfg.resume)
+        run_log.finish(progress, checkpoints, cfg.resume)
     return progress.best_val_loss
 
 
@@ -209,6 +207,7 @@ def validate(run: Run, bar=iter) -> Validation:
 
 # ---- set-up, and what the loop does besides the steps ------------------------------------------------
 
+
 def read_data(cfg, source: Checkpoint | None, resumed: Checkpoint | None, out_dir: Path, process) -> Data:
     """The run's data: a resumed run keeps its split and class indices; init_from keeps the class
     indices. The split (and what was skipped) is written to the run folder by the first process."""
@@ -222,11 +221,17 @@ def read_data(cfg, source: Checkpoint | None, resumed: Checkpoint | None, out_di
         (out_dir / "split.json").write_text(json.dumps(data.split, indent=1))
         if data.skipped:
             (out_dir / "skipped_images.json").write_text(json.dumps(data.skipped, indent=1))
-    log.info("data: %d training and %d validation images; classes: %s", len(data.train), len(data.val),
-             ", ".join(f"{task} {len(names)}" for task, names in data.class_names.items()))
+    log.info(
+        "data: %d training and %d validation images; classes: %s",
+        len(data.train),
+        len(data.val),
+        ", ".join(f"{task} {len(names)}" for task, names in data.class_names.items()),
+    )
     if cfg.trainer.batch_size % process.world or cfg.trainer.batch_size // process.world < 2:
-        raise UserError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch: make it a multiple "
-                        f"of the {process.world} processes, with at least 2 images per process (BatchNorm needs 2)")
+        raise UserError(
+            f"trainer.batch_size={cfg.trainer.batch_size} is the global batch: make it a multiple "
+            f"of the {process.world} processes, with at least 2 images per process (BatchNorm needs 2)"
+        )
     return data
 
 
@@ -238,8 +243,12 @@ def start_run_folder(out_dir: Path, run: Run, progress: Progress, resumed: Check
             carry_best_checkpoint(resumed, Path(resume), out_dir / "checkpoints")
     if resumed is not None:
         partial = progress.partial_epoch
-        log.info("resuming from %s at epoch %d%s", resume, progress.epoch + 1,
-                 f", image {partial['seen']}" if partial else "")
+        log.info(
+            "resuming from %s at epoch %d%s",
+            resume,
+            progress.epoch + 1,
+            f", image {partial['seen']}" if partial else "",
+        )
     precision = str(run.precision or torch.float32).replace("torch.", "")
     log.info("training on %s, precision %s, output in %s", run.process.device, precision, out_dir)
 
@@ -254,10 +263,15 @@ def save_checkpoints(checkpoint: Checkpoint, folder: Path, epoch: int, improved:
 
 def check_finite(row: dict, checkpoints: Path) -> None:
     if not all(math.isfinite(row[k]) for k in ("train_loss", "val_loss")):
-        raise UserError(f"epoch {row['epoch']}: the loss became {row['train_loss']} / {row['val_loss']}; "
-                        "lower the learning rate (optimizer.lr) or use trainer.precision=32. "
-                        + (f"The last good checkpoint is {checkpoints / 'last.pt'}" if row["epoch"] > 1
-                           else "No checkpoint was written."))
+        raise UserError(
+            f"epoch {row['epoch']}: the loss became {row['train_loss']} / {row['val_loss']}; "
+            "lower the learning rate (optimizer.lr) or use trainer.precision=32. "
+            + (
+                f"The last good checkpoint is {checkpoints / 'last.pt'}"
+                if row["epoch"] > 1
+                else "No checkpoint was written."
+            )
+        )
 
 
 def seed_everything(seed: int) -> None:
