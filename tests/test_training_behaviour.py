@@ -24,9 +24,10 @@ from hydra.utils import instantiate
 from torch import nn
 
 from balatro_train.checkpoint import load_checkpoint
-from balatro_train.data import build_data, make_loaders
+from balatro_train.data import build_data
 from balatro_train.distributed import Process
 from balatro_train.errors import UserError
+from balatro_train.loaders import make_loaders
 from balatro_train.metrics import build_metrics
 from balatro_train.preprocessing import load_image
 from balatro_train.run_setup import build_run, class_weights

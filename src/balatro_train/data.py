@@ -1,5 +1,5 @@
 """The run's data from the annotation tool's files (balatro_train/labels.py): the images decoded once, the
-stratified split, the datasets and their loaders.
+stratified split and the datasets (their loaders: balatro_train/loaders.py).
 
 Images are decoded, composited on the background colour and resized to `data.image_size`
 once, up front (balatro_train/preprocessing.py); epochs then only augment small uint8 arrays,
@@ -16,15 +16,14 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections import Counter, defaultdict
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import Dataset
 
-from balatro_train.distributed import ALONE, Process
 from balatro_train.embedding import IGNORE
 from balatro_train.errors import UserError
 from balatro_train.labels import Sample, check_fields, check_unique_files, class_names_of, read_labels
@@ -148,47 +147,6 @@ class CardDataset(Dataset):
             image = recolour.pipeline(image=image)["image"]
             targets.update({task: torch.tensor(IGNORE) for task in recolour.ignored_by})
         return torch.from_numpy(np.ascontiguousarray(image)), targets  # uint8 (H, W, 3)
-
-
-class EpochSampler(Sampler):
-    """Draws an epoch's (index, augmentation seed) pairs from the run seed and the epoch alone.
-
-    Shuffles, or with `weights` draws with replacement so that classes come up evenly. Under
-    DDP every process makes the same draw, padded to a multiple of the processes, and takes its
-    `Process.shard` of it.
-    Like DistributedSampler, call `set_epoch` before each epoch; nothing else carries state,
-    which is what makes resume exact.
-    """
-
-    def __init__(self, num_samples: int, seed: int, weights: torch.Tensor | None = None, process: Process = ALONE):
-        self.num_samples, self.seed, self.weights, self.epoch, self.start = num_samples, seed, weights, 0, 0
-        self.process, self.world = process, process.world
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """`start` skips the epoch's first draws: those an interrupted run had already trained on."""
-        self.epoch, self.start = epoch, start
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.world) - self.start
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        if self.weights is None:
-            order = torch.randperm(self.num_samples, generator=generator)
-        else:
-            order = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=generator)
-        seeds = torch.randint(0, 2**31 - 1, (self.num_samples,), generator=generator)
-        draws = list(zip(order.tolist(), seeds.tolist(), strict=True))
-        if self.world > 1:  # every process draws the same epoch and takes its share, padded to equal length
-            draws += draws[: math.ceil(len(draws) / self.world) * self.world - len(draws)]
-            draws = self.process.shard(draws)
-        return iter(draws[self.start :])
-
-
-def balanced_weights(labels: list[str]) -> torch.Tensor:
-    """Per-sample weights that make every class equally likely to be drawn."""
-    counts = Counter(labels)
-    return torch.tensor([1.0 / counts[label] for label in labels], dtype=torch.double)
 
 
 @dataclass
@@ -454,31 +412,3 @@ def recolouring(cfg) -> Recolouring | None:
         cfg.data.recolour,
         tuple(task for task in cfg.tasks if task not in invariant),
     )
-
-
-def make_loaders(cfg, data: Data, process: Process = ALONE) -> tuple[DataLoader, DataLoader]:
-    """trainer.batch_size is the global batch: each of the run's processes loads its share (`Process.shard`)
-    of the training draws and of the validation images."""
-    device, world = process.device, process.world
-    workers = cfg.trainer.num_workers
-    if workers == "auto":  # worker processes pay off only when cores are left beside the model's threads
-        threads = torch.get_num_threads()
-        workers = 0 if threads <= 2 else min(8, threads // 2)
-    workers = int(workers)
-    weights = balanced_weights(data.train_labels) if cfg.data.weighted_sampler else None
-    # Their own generator: a DataLoader draws a seed for every new iterator, and drawing it from torch's
-    # global RNG would shift what the model's Dropout draws after a resume mid-epoch (the sampler and
-    # the per-image seeds carry the data's randomness; workers need none of their own).
-    common = dict(
-        batch_size=cfg.trainer.batch_size // world,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    # A last batch of one image would stop BatchNorm ("expected more than 1 value per channel"): drop it.
-    lonely_last = math.ceil(len(data.train) / world) % common["batch_size"] == 1
-    train_loader = DataLoader(
-        data.train, sampler=EpochSampler(len(data.train), cfg.seed, weights, process), drop_last=lonely_last, **common
-    )
-    return train_loader, DataLoader(Subset(data.val, process.shard(range(len(data.val)))), **common)

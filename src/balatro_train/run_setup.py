@@ -16,11 +16,12 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
 from balatro_train.checkpoint import Checkpoint
-from balatro_train.data import Data, make_loaders
+from balatro_train.data import Data
 from balatro_train.device import autocast, resolve_precision
 from balatro_train.distributed import Process
 from balatro_train.embedding import task_loss
 from balatro_train.errors import UserError
+from balatro_train.loaders import make_loaders
 from balatro_train.metrics import build_metrics
 from balatro_train.model import build_model, head_factories
 from balatro_train.optim import weight_average
