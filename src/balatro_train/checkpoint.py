@@ -98,6 +98,7 @@ class Checkpoint:
     progress: Progress = field(default_factory=Progress)
     split: dict = field(default_factory=dict)
     pretrained_loaded: bool = False
+    pretrained_source: str | None = None  # where the backbone's first weights came from (None: random init)
     unknown_thresholds: dict[str, float] = field(default_factory=dict)
     training: TrainingState | None = None
     enrolled: dict[str, dict[str, int]] = field(default_factory=dict)  # per task, images per enrolled card
@@ -123,6 +124,7 @@ class Checkpoint:
             dataclasses.replace(progress, history=list(progress.history)),
             data.split,
             model.pretrained_loaded,
+            model.pretrained_source,
             dict(thresholds or {}),
             training,
         )
@@ -172,7 +174,7 @@ class Checkpoint:
         if training_weights and self.training is not None and self.training.training_weights is not None:
             weights = self.training.training_weights
         model = build_model(self.config["model"], self.class_names, weights, head_factories(self.config))
-        model.pretrained_loaded = self.pretrained_loaded
+        model.pretrained_loaded, model.pretrained_source = self.pretrained_loaded, self.pretrained_source
         return model.eval()
 
     def prototypes(self, task: str) -> torch.Tensor:
@@ -222,6 +224,7 @@ class Checkpoint:
             "fields": self.fields,
             "split": self.split,
             "pretrained_loaded": self.pretrained_loaded,
+            "pretrained_source": self.pretrained_source,
             "config": self.config,
             "preprocessing": self.preprocessing.to_dict(),
             "unknown_thresholds": self.unknown_thresholds,
@@ -251,6 +254,7 @@ class Checkpoint:
             progress,
             state.get("split") or {},
             bool(state.get("pretrained_loaded", False)),
+            state.get("pretrained_source"),
             dict(state.get("unknown_thresholds") or {}),
             training,
             dict(state.get("enrolled") or {}),

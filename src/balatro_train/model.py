@@ -1,22 +1,19 @@
-"""The network: a torchvision backbone behind an input layer, one head per task (linear, or an embedding
-head: balatro_train/embedding.py); how it is built from a config or a checkpoint; the freeze strategies
-and the optimizer's parameter groups."""
+"""The network: a torchvision or timm backbone (balatro_train/backbones.py) behind an input layer, one head per
+task (linear, or an embedding head: balatro_train/embedding.py); how it is built from a config or a checkpoint;
+the freeze strategies and the optimizer's parameter groups."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
-import pickle
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-import torchvision
 from hydra.utils import get_class
 from torch import nn
 
+from balatro_train.backbones import build_backbone
 from balatro_train.embedding import CosineClassifier
 from balatro_train.errors import UnknownCallable, UserError
 
@@ -75,11 +72,10 @@ class CardNet(nn.Module):
         super().__init__()
         self.backbone_name = backbone
         self.input = ImageInput(mean, std)
-        if weights:  # a local file: for machines that cannot download, but have the file
-            self.backbone, self.pretrained_loaded = _backbone_from_file(backbone, weights), True
-        else:
-            self.backbone, self.pretrained_loaded = _load_backbone(backbone, pretrained)
-        features = _drop_classifier(self.backbone, backbone)
+        built = build_backbone(backbone, pretrained, weights)
+        self.backbone, self.pretrained_source = built.module, built.source
+        self.pretrained_loaded = built.source is not None
+        features = built.features
         heads = heads or {}
         self.heads = nn.ModuleDict({task: heads.get(task, nn.Linear)(features, n) for task, n in num_classes.items()})
 
@@ -99,69 +95,6 @@ class CardNet(nn.Module):
 
     def backbone_trains(self) -> bool:
         return any(p.requires_grad for p in self.backbone.parameters())
-
-
-def _load_backbone(name: str, pretrained: bool) -> tuple[nn.Module, bool]:
-    available = torchvision.models.list_models(module=torchvision.models)
-    if name not in available:
-        raise UserError(
-            f"model.backbone={name} is not a torchvision classification model (available: {', '.join(available)})"
-        )
-    if pretrained:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
-        try:
-            return torchvision.models.get_model(name, weights=weights), True
-        except Exception as e:  # no network, a proxy, a corrupt cache: train anyway, but say so
-            warnings.warn(
-                f"model.pretrained=true but the {weights} ImageNet weights could not be "
-                f"loaded ({type(e).__name__}: {e}); training {name} from random init. "
-                f"The checkpoint records pretrained_loaded=false.",
-                stacklevel=2,
-            )
-            log.warning("ImageNet weights for %s unavailable (%s): random init", name, type(e).__name__)
-    return torchvision.models.get_model(name, weights=None), False
-
-
-def _backbone_from_file(name: str, path: str) -> nn.Module:
-    """torchvision's `name` with the state dict saved in `path` (e.g. torchvision's own download,
-    resnet18-f37072fd.pth), read with the safe loader: a file that holds code is refused."""
-    model = _load_backbone(name, pretrained=False)[0]
-    if not Path(path).is_file():
-        raise UserError(
-            f"model.weights={path}: no such file; give the path of a {name} state dict "
-            f"(e.g. torchvision's download of its ImageNet weights)"
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (a pickled object, a damaged file: torch raises many kinds)
-        why = "it holds Python objects besides tensors" if isinstance(e, pickle.UnpicklingError) else type(e).__name__
-        raise UserError(f"model.weights={path}: not a state dict of torchvision's {name} ({why})") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    expected = model.state_dict()
-    if (
-        not isinstance(state, dict)
-        or state.keys() != expected.keys()
-        or any(not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape for k, v in expected.items())
-    ):
-        keys = set(state) if isinstance(state, dict) else set()
-        raise UserError(
-            f"model.weights={path}: not a state dict of torchvision's {name} ({len(expected.keys() - keys)} "
-            f"of its {len(expected)} tensors missing, {len(keys - expected.keys())} unknown, or of other "
-            f"shapes); is it the file of another model=...?"
-        )
-    model.load_state_dict(state)
-    log.info("%s weights loaded from %s", name, path)
-    return model
-
-
-def _drop_classifier(model: nn.Module, name: str) -> int:
-    """Replace the model's last nn.Linear (its ImageNet classifier) by Identity; return its width."""
-    linears = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise UserError(f"model.backbone={name} has no linear classifier to replace with task heads")
-    path, last = linears[-1]
-    model.set_submodule(path, nn.Identity())
-    return last.in_features
 
 
 def build_model(

@@ -251,6 +251,7 @@ def start_run_folder(out_dir: Path, run: Run, progress: Progress, resumed: Check
         )
     precision = str(run.precision or torch.float32).replace("torch.", "")
     log.info("training on %s, precision %s, output in %s", run.process.device, precision, out_dir)
+    log.info("backbone %s, first weights: %s", run.model.backbone_name, run.model.pretrained_source or "random init")
 
 
 def save_checkpoints(checkpoint: Checkpoint, folder: Path, epoch: int, improved: bool, interval: int) -> None:
