@@ -22,7 +22,6 @@ import logging
 import math
 import statistics
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,16 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from balatro_train.labels import read_labels
-from balatro_train.sweep_folders import for_each_sweep_dir, job_dirs, mean_ci, read_metrics
+from balatro_train.sweep_folders import (
+    for_each_sweep_dir,
+    identification_breakdown,
+    job_dirs,
+    mean_ci,
+    pooled,
+    read_metrics,
+)
 
 log = logging.getLogger("balatro_train.quality")
-BUCKETS = (("1", 1, 1), ("2-4", 2, 4), ("5+", 5, math.inf))  # training screenshots of the card
 
 
 class QualityReport(Callback):
@@ -68,29 +73,8 @@ def seed_result(job: Path) -> dict | None:
         result["top1"][task] = sum(t == p for t, p in pairs) / len(pairs)
         result["f1"][task] = best.get(f"{task}/f1", math.nan)  # the runner's own (torchmetrics, macro)
     if "identification" in result["top1"]:
-        field = cfg.tasks.identification.field
-        seen = Counter(str(originals[f][field]) for f in split["train"] if f in originals)
-        by_bucket, by_edition = defaultdict(list), defaultdict(list)
-        for file, p in predictions.items():
-            right = p["identification"]["true"] == p["identification"]["pred"]
-            count = seen[p["identification"]["true"]]
-            by_bucket[next(name for name, low, high in BUCKETS if low <= count <= high)].append(right)
-            by_edition[str(originals[file].get("modifier", "?"))].append(right)
-        result["identification_by_training_count"] = {k: (sum(v) / len(v), len(v)) for k, v in by_bucket.items()}
-        result["identification_by_edition"] = {k: (sum(v) / len(v), len(v)) for k, v in by_edition.items()}
+        result.update(identification_breakdown(predictions, split["train"], originals, cfg.tasks.identification.field))
     return result
-
-
-def pooled(results: list[dict], key: str) -> dict:
-    """Per group (bucket or edition): mean over seeds of its top-1, with the CI, and the images it had."""
-    groups = sorted({g for r in results for g in r.get(key, {})})
-    return {
-        g: {
-            **mean_ci([r[key][g][0] for r in results if g in r[key]]),
-            "images_per_seed": statistics.fmean(r[key][g][1] for r in results if g in r[key]),
-        }
-        for g in groups
-    }
 
 
 def write_report(sweep_dir: Path, wall_seconds: float | None = None) -> dict:

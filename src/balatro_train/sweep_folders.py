@@ -1,6 +1,7 @@
 """Reading the folders a sweep leaves, for the reports written at its root (sweep.py's summary, quality.py's
-and openset.py's benchmarks): its job folders, a job's metrics.jsonl, the mean and confidence interval of a
-figure over seeds, and the command line that writes a report for folders given by hand."""
+and openset.py's benchmarks, knn.py's baseline): its job folders, a job's metrics.jsonl, the figures the
+reports share (the mean and confidence interval over seeds; identification top-1 by how many training
+screenshots the card had and by edition), and the command line that writes a report for folders given by hand."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import logging
 import math
 import statistics
+from collections import Counter, defaultdict
 from pathlib import Path
 
 
@@ -43,6 +45,38 @@ def mean_ci(values: list[float]) -> dict:
         else stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
     )
     return {"mean": mean, "ci95": half, "values": values}
+
+
+BUCKETS = (("1", 1, 1), ("2-4", 2, 4), ("5+", 5, math.inf))  # training screenshots of the card
+
+
+def identification_breakdown(predictions: dict, train_files: list[str], originals: dict, field: str) -> dict:
+    """Identification top-1 of the validation `predictions` ({file: {"identification": {"true": name, "pred":
+    name}}}) by how many original training screenshots its card had (`BUCKETS`) and by its edition (the labels'
+    modifier), each as (top-1, images); `originals`: the labels entries by file."""
+    seen = Counter(str(originals[f][field]) for f in train_files if f in originals)
+    by_bucket, by_edition = defaultdict(list), defaultdict(list)
+    for file, p in predictions.items():
+        right = p["identification"]["true"] == p["identification"]["pred"]
+        count = seen[p["identification"]["true"]]
+        by_bucket[next(name for name, low, high in BUCKETS if low <= count <= high)].append(right)
+        by_edition[str(originals[file].get("modifier", "?"))].append(right)
+    return {
+        "identification_by_training_count": {k: (sum(v) / len(v), len(v)) for k, v in by_bucket.items()},
+        "identification_by_edition": {k: (sum(v) / len(v), len(v)) for k, v in by_edition.items()},
+    }
+
+
+def pooled(results: list[dict], key: str) -> dict:
+    """Per group (bucket or edition): mean over seeds of its top-1, with the CI, and the images it had."""
+    groups = sorted({g for r in results for g in r.get(key, {})})
+    return {
+        g: {
+            **mean_ci([r[key][g][0] for r in results if g in r[key]]),
+            "images_per_seed": statistics.fmean(r[key][g][1] for r in results if g in r[key]),
+        }
+        for g in groups
+    }
 
 
 def for_each_sweep_dir(prog: str, description: str, write, argv: list[str] | None = None) -> None:

@@ -1,0 +1,45 @@
+"""The no-training baseline (python -m balatro_train.knn): its two rules on hand-made embeddings, and the
+command on the tiny set with EfficientNet-Lite0's packaged ImageNet weights and with a trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import compose, tiny_overrides, write_dataset
+
+from balatro_train.knn import classify, main
+from balatro_train.train import train
+
+
+def test_nearest_takes_the_closest_screenshot_and_class_mean_the_closest_mean():
+    # class 0: two screenshots far apart, class 1: one; the query sits next to class 0's outlier,
+    # but nearer to class 1's screenshot than to class 0's mean direction
+    train = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]), dim=1)
+    known = torch.tensor([0, 0, 1])
+    query = F.normalize(torch.tensor([[0.1, 1.0]]), dim=1)
+    assert classify(query, train, known, 2, "nearest").tolist() == [0]
+    assert classify(query, train, known, 2, "class_mean").tolist() == [1]
+
+
+@pytest.mark.parametrize("with_checkpoint", [False, True], ids=["pretrained", "checkpoint"])
+def test_the_baseline_reports_every_task_rule_and_group_over_the_seeds(tmp_path, with_checkpoint):
+    data = write_dataset(tmp_path / "labelled")
+    overrides = [*tiny_overrides(data, tmp_path / "labelled"), "model=efficientnet_lite0"]
+    args = ["--seeds", "0", "1", "--out", str(tmp_path / "knn")]
+    if with_checkpoint:
+        train(compose([*overrides, "trainer.epochs=1", "publish_to=null"]), tmp_path / "run")
+        args += ["--checkpoint", str(tmp_path / "run" / "checkpoints" / "best.pt")]
+    report = main([*args, *overrides])
+    assert json.loads(json.dumps(report)) == json.loads((tmp_path / "knn" / "knn.json").read_text())
+    assert report["seeds"] == [0, 1] and report["image_size"] == 32
+    assert report["embedding"].startswith("the backbone of" if with_checkpoint else "timm/tf_efficientnet_lite0, ")
+    for rule in ("nearest", "class_mean"):
+        figures = report["rules"][rule]
+        assert set(figures["top1"]) == {"identification", "modifier"}
+        assert all(0.0 <= v <= 1.0 for v in figures["top1"]["identification"]["values"])
+        assert len(figures["top1"]["modifier"]["values"]) == 2
+        assert set(figures["identification_by_edition"]) <= {"Base", "Foil", "Negative"}
+    assert "| class_mean |" in (tmp_path / "knn" / "knn.md").read_text()
