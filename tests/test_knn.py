@@ -43,3 +43,13 @@ def test_the_baseline_reports_every_task_rule_and_group_over_the_seeds(tmp_path,
         assert len(figures["top1"]["modifier"]["values"]) == 2
         assert set(figures["identification_by_edition"]) <= {"Base", "Foil", "Negative"}
     assert "| class_mean |" in (tmp_path / "knn" / "knn.md").read_text()
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line_before_any_work(tmp_path, caplog):
+    (tmp_path / "report").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "report"), "dataset.labels_file=never/read.json"])
+    assert exit_.value.code == 2 and (tmp_path / "report").read_text() == "not a folder"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"--out={tmp_path / 'report'} is a file; give a folder for knn.md and knn.json"
+    ]

@@ -30,7 +30,7 @@ from hydra.utils import instantiate
 from balatro_train.checkpoint import load_checkpoint
 from balatro_train.config import CONFIG_DIR, check_config, typed_config
 from balatro_train.data import build_data
-from balatro_train.errors import exit_on_user_error
+from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.labels import read_labels
 from balatro_train.model import build_model
 from balatro_train.sweep_folders import identification_breakdown, mean_ci, pooled
@@ -48,11 +48,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m balatro_train")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = args.out or Path("outputs/knn") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
+    if out.exists() and not out.is_dir():  # found out before a minute of embedding, not after it
+        raise UserError(f"--out={out} is a file; give a folder for knn.md and knn.json")
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = typed_config(compose(config_name="train", overrides=args.overrides))
     check_config(cfg)
     report = run(cfg, args.seeds, args.checkpoint)
-    out = args.out or Path("outputs/knn") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "knn.json").write_text(json.dumps(report, indent=1))
     (out / "knn.md").write_text(markdown(report))
