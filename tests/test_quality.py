@@ -43,9 +43,16 @@ def test_the_quality_benchmark_reports_every_seed_and_their_mean(dataset, tmp_pa
         # every card has 3 training originals here (4 originals, one validates): the 2-4 bucket
         assert set(seed_result["identification_by_training_count"]) == {"2-4"}
         assert set(seed_result["identification_by_edition"]) == {labels[f]["modifier"] for f in predictions}
+        for edition, (recall, images) in seed_result["modifier_by_edition"].items():  # each edition's recall
+            of_edition = [p["modifier"] for f, p in predictions.items() if labels[f]["modifier"] == edition]
+            assert images == len(of_edition) and recall == pytest.approx(
+                sum(p["pred"] == edition for p in of_edition) / len(of_edition)
+            )
+        assert sum(images for _, images in seed_result["modifier_by_edition"].values()) == len(predictions)
 
     top1 = report["tasks"]["identification"]["top1"]
     assert top1["values"] == [r["top1"]["identification"] for r in report["per_seed"]]
     assert top1["mean"] == pytest.approx(statistics.fmean(top1["values"]))
     assert top1["ci95"] >= 0 and "±" in (sweep / "quality.md").read_text()
+    assert "## Modifier top-1 by edition" in (sweep / "quality.md").read_text()
     assert write_report(sweep)["tasks"] == report["tasks"]  # by hand, from the folders alone

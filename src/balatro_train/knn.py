@@ -33,7 +33,7 @@ from balatro_train.data import build_data
 from balatro_train.errors import UserError, exit_on_user_error
 from balatro_train.labels import read_labels
 from balatro_train.model import build_model
-from balatro_train.sweep_folders import identification_breakdown, mean_ci, pooled
+from balatro_train.sweep_folders import BREAKDOWNS, identification_breakdown, mean_ci, pooled
 
 log = logging.getLogger("balatro_train.knn")
 RULES = ("nearest", "class_mean")
@@ -97,9 +97,6 @@ def run(cfg, seeds: list[int], checkpoint: Path | None = None) -> dict:
         },
         "per_seed": results,
     }
-
-
-BREAKDOWNS = ("identification_by_training_count", "identification_by_edition")
 
 
 def seed_result(cfg, seed: int, model) -> dict:
@@ -173,12 +170,12 @@ def markdown(report: dict) -> str:
     lines += [
         f"| {rule} | " + " | ".join(cell(v) for v in report["rules"][rule]["top1"].values()) + " |" for rule in RULES
     ]
-    for key, title in zip(BREAKDOWNS, ("by training screenshots of the card", "by edition"), strict=True):
+    for key, title in BREAKDOWNS.items():
         groups = sorted({g for rule in RULES for g in report["rules"][rule].get(key, {})})
         if groups:
             lines += [
                 "",
-                f"## Identification top-1 {title}",
+                f"## {title}",
                 "",
                 "| rule | " + " | ".join(groups) + " |",
                 "|---|" + "---|" * len(groups),

@@ -10,6 +10,7 @@ job's run folder (metrics.jsonl, split.json, val_predictions.json, its saved con
 * identification top-1 by how many training screenshots the card had (1, 2-4, 5+): what a user
   with one or two screenshots of a card can expect;
 * identification top-1 by edition (the validation image's modifier): is a Foil card still recognised?
+* modifier top-1 by edition (each edition's recall): is a Holographic card called Holographic?
 * wall time of the whole benchmark and the mean training images/s.
 
 By hand, for a sweep folder (e.g. one stopped early): python -m balatro_train.quality <sweep dir>
@@ -30,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from balatro_train.labels import read_labels
 from balatro_train.sweep_folders import (
+    BREAKDOWNS,
     for_each_sweep_dir,
     identification_breakdown,
     job_dirs,
@@ -92,8 +94,7 @@ def write_report(sweep_dir: Path, wall_seconds: float | None = None) -> dict:
             t: {"top1": mean_ci([r["top1"][t] for r in results]), "f1": mean_ci([r["f1"][t] for r in results])}
             for t in tasks
         },
-        "identification_by_training_count": pooled(results, "identification_by_training_count"),
-        "identification_by_edition": pooled(results, "identification_by_edition"),
+        **{key: pooled(results, key) for key in BREAKDOWNS},
         "per_seed": results,
     }
     (sweep_dir / "quality.json").write_text(json.dumps(report, indent=1))
@@ -122,11 +123,8 @@ def markdown(report: dict) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {t} | {cell(v['top1'])} | {cell(v['f1'])} |" for t, v in report["tasks"].items()]
-    for key, title in (
-        ("identification_by_training_count", "Identification top-1 by training screenshots of the card"),
-        ("identification_by_edition", "Identification top-1 by edition"),
-    ):
-        if report[key]:
+    for key, title in BREAKDOWNS.items():
+        if report.get(key):
             lines += ["", f"## {title}", "", "| group | top-1 | validation images per seed |", "|---|---|---|"]
             lines += [f"| {g} | {cell(v)} | {v['images_per_seed']:.0f} |" for g, v in report[key].items()]
     return "\n".join(lines) + "\n"

@@ -51,20 +51,31 @@ BUCKETS = (("1", 1, 1), ("2-4", 2, 4), ("5+", 5, math.inf))  # training screensh
 
 
 def identification_breakdown(predictions: dict, train_files: list[str], originals: dict, field: str) -> dict:
-    """Identification top-1 of the validation `predictions` ({file: {"identification": {"true": name, "pred":
-    name}}}) by how many original training screenshots its card had (`BUCKETS`) and by its edition (the labels'
-    modifier), each as (top-1, images); `originals`: the labels entries by file."""
+    """Top-1 of the validation `predictions` ({file: {task: {"true": name, "pred": name}}}) by group, each as
+    (top-1, images): identification by how many original training screenshots its card had (`BUCKETS`) and by
+    its edition (the labels' modifier), and where a modifier task ran, its top-1 by edition (each edition's
+    recall: is a Holographic card called Holographic?); `originals`: the labels entries by file."""
     seen = Counter(str(originals[f][field]) for f in train_files if f in originals)
-    by_bucket, by_edition = defaultdict(list), defaultdict(list)
+    groups = {key: defaultdict(list) for key in BREAKDOWNS}
     for file, p in predictions.items():
         right = p["identification"]["true"] == p["identification"]["pred"]
         count = seen[p["identification"]["true"]]
-        by_bucket[next(name for name, low, high in BUCKETS if low <= count <= high)].append(right)
-        by_edition[str(originals[file].get("modifier", "?"))].append(right)
-    return {
-        "identification_by_training_count": {k: (sum(v) / len(v), len(v)) for k, v in by_bucket.items()},
-        "identification_by_edition": {k: (sum(v) / len(v), len(v)) for k, v in by_edition.items()},
-    }
+        edition = str(originals[file].get("modifier", "?"))
+        groups["identification_by_training_count"][next(n for n, low, high in BUCKETS if low <= count <= high)].append(
+            right
+        )
+        groups["identification_by_edition"][edition].append(right)
+        if "modifier" in p:
+            groups["modifier_by_edition"][p["modifier"]["true"]].append(p["modifier"]["true"] == p["modifier"]["pred"])
+    return {key: {g: (sum(v) / len(v), len(v)) for g, v in by_group.items()} for key, by_group in groups.items()}
+
+
+# What identification_breakdown reports, in the reports' order, with the reports' titles.
+BREAKDOWNS = {
+    "identification_by_training_count": "Identification top-1 by training screenshots of the card",
+    "identification_by_edition": "Identification top-1 by edition",
+    "modifier_by_edition": "Modifier top-1 by edition (each edition's recall)",
+}
 
 
 def pooled(results: list[dict], key: str) -> dict:
