@@ -176,7 +176,9 @@ def test_jokers_show_no_name_and_consumables_do(tmp_path, monkeypatch):
     asked = []
     original = demo.card_sprite
     monkeypatch.setattr(
-        demo, "card_sprite", lambda card, seed, named: asked.append((card[1], named)) or original(card, seed, named)
+        demo,
+        "card_sprite",
+        lambda card, seed, named, art_of=None: asked.append((card[1], named)) or original(card, seed, named, art_of),
     )
     ensure_rendered(str(tmp_path / "set"), **TINY_COLLECTION)
     assert {t for t, named in asked if named} == {"Tarot", "Planet", "Spectral"}

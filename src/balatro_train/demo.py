@@ -36,6 +36,7 @@ from balatro_train.demo_cards import (
     screenshot,
     shows_name,
 )
+from balatro_train.demo_conditions import Conditions, capture
 from balatro_train.errors import UserError
 
 __all__ = ["EDITIONS", "catalogue", "ensure_rendered", "write_contact_sheet", "main"]
@@ -48,6 +49,7 @@ def ensure_rendered(
     augmented_per_card: int = 10,
     seed: int = 0,
     style: str = "easy",
+    conditions: dict | None = None,
 ) -> str:
     """Render the set into `out_dir` unless it is there already; returns out_dir.
 
@@ -64,6 +66,10 @@ def ensure_rendered(
         "augmented_per_card": augmented_per_card,
         "seed": seed,
     }
+    if conditions is not None or style == "wild":  # the capture conditions, all of them, in render.json
+        if style != "wild":
+            raise UserError(f"dataset.render.conditions apply to style wild only, not {style}: remove them")
+        settings["conditions"] = Conditions.from_settings(dict(conditions or {})).as_settings()
     check_settings(settings)
     target = Path(out_dir)
     if (target / "augmented" / "augmented.json").is_file():
@@ -106,6 +112,7 @@ def check_same_settings(target: Path, settings: dict) -> None:
 def render(folder: Path, out_dir: str, settings: dict) -> None:
     style, seed = settings["style"], settings["seed"]
     rng = np.random.default_rng(seed)
+    conditions = Conditions.from_settings(settings["conditions"]) if style == "wild" else None
     if style == "easy":  # editions are drawn per screenshot in the loop below
         cards = pick_cards(settings["num_cards"], rng)
         counts = rng.integers(1, round(2 * settings["samples_per_card"]), len(cards))  # 1 to 2x the mean
@@ -120,12 +127,20 @@ def render(folder: Path, out_dir: str, settings: dict) -> None:
     labels, augmented = {}, {}
     num_augmented = settings["augmented_per_card"] * len(cards)
     progress = tqdm(total=int(sum(counts)) + num_augmented, desc="rendering the demo set", disable=None)
+    sprites = [
+        card_sprite(card, seed, shows_name(card[1], style), art_of)
+        for card, art_of in zip(cards, look_alikes(cards, style), strict=True)
+    ]
     for index, (card, count) in enumerate(zip(cards, counts, strict=True)):
-        sprite = card_sprite(card, seed, named=shows_name(card[1], style))
         for k in range(int(count)):
             edition = planned[index][k] if planned is not None else editions[int(rng.choice(len(editions), p=weights))]
             file = f"card{index:03d}_s{k:02d}.png"
-            screenshot(sprite, edition, rng, style).save(folder / "dataset_default" / file, compress_level=1)
+            if conditions is None:
+                image = screenshot(sprites[index], edition, rng, style)
+            else:
+                neighbour = sprites[(index + 1 + int(rng.integers(0, len(cards) - 1))) % len(cards)]
+                image = capture(sprites[index], edition, rng, conditions, neighbour, card[1] == "Joker")
+            image.save(folder / "dataset_default" / file, compress_level=1)
             labels[file] = {
                 "name": card[0],
                 "type": card[1],
@@ -159,6 +174,17 @@ def render(folder: Path, out_dir: str, settings: dict) -> None:
     (folder / "dataset_default" / "labels.json").write_text(json.dumps(labels, indent=1))
     (folder / "render.json").write_text(json.dumps(settings) + "\n")
     (folder / "augmented" / "augmented.json").write_text(json.dumps(augmented, indent=1))  # last: the set is whole
+
+
+def look_alikes(cards: list[tuple[str, str, str]], style: str) -> list[str | None]:
+    """Per card, the card whose art it shares (style wild: every fourth Joker looks like the Joker before it,
+    one motif apart), or None."""
+    jokers = [i for i, card in enumerate(cards) if card[1] == "Joker"]
+    art_of: list[str | None] = [None] * len(cards)
+    if style == "wild":
+        for k in range(3, len(jokers), 4):
+            art_of[jokers[k]] = cards[jokers[k - 1]][0]
+    return art_of
 
 
 def write_contact_sheet(out_dir: str, path: str, per_cell: int = 2) -> str:
@@ -232,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Render a demo dataset (and a contact sheet to look at) with the "
         "settings of a dataset config; options override them."
     )
-    parser.add_argument("--dataset", default="demo", help="demo (the default, real-scale set) or demo_easy")
+    parser.add_argument("--dataset", default="demo", help="demo (the default, real-scale set), demo_wild or demo_easy")
     parser.add_argument("--style", choices=STYLES)
     parser.add_argument("--num-cards", type=int)
     parser.add_argument("--samples-per-card", type=float)

@@ -7,7 +7,10 @@ Two styles (`dataset.render.style`):
               16 Spectral of 181 cards), a skewed number of screenshots per card (1 to twice the mean,
               about a tenth seen once), each edition seen on the share of cards it is seen on there,
               Jokers without a printed name (only Tarot, Planet and Spectral cards show theirs), and
-              Foil / Holographic as faint effects over the card's own colours.
+              Foil / Holographic as faint effects over the card's own colours;
+  wild        the collection's cards and editions (a quarter of the Jokers look-alikes of another, one motif
+              apart) through the game's capture conditions (demo_conditions.py): window sizes from 720p to
+              4K, tilt, hover, overlapping neighbours, stickers, the shop's panel, scanlines, JPEG.
 `demo.py` renders the files; this module only draws.
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-STYLES = ("easy", "collection")
+STYLES = ("easy", "collection", "wild")
 EDITIONS = {"Base": 0.50, "Foil": 0.16, "Holographic": 0.14, "Polychrome": 0.12, "Negative": 0.08}  # easy
 TAROTS = [
     "The Fool",
@@ -166,11 +169,13 @@ def shows_name(card_type: str, style: str) -> bool:
     return style == "easy" or card_type != "Joker"
 
 
-def card_sprite(card: tuple[str, str, str], seed: int, named: bool = True) -> Image.Image:
+def card_sprite(card: tuple[str, str, str], seed: int, named: bool = True, art_of: str | None = None) -> Image.Image:
     """The card's own pixel art: a palette and shapes of its own, a type-coloured frame and, if
-    `named`, a name banner at the bottom (the art is the same either way)."""
+    `named`, a name banner at the bottom (the art is the same either way). With `art_of`, another
+    card's name, it has that card's palette and shapes plus one small motif of its own: a look-alike,
+    as many Jokers share a style and some pairs differ by one motif."""
     name, card_type, _ = card
-    rng = np.random.default_rng([seed, *name.encode()])
+    rng = np.random.default_rng([seed, *(art_of or name).encode()])
     w, h = SPRITE
     hues = rng.uniform(0, 1, 3)
     palette = [
@@ -194,6 +199,11 @@ def card_sprite(card: tuple[str, str, str], seed: int, named: bool = True) -> Im
             draw.polygon([(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])], fill=colour)
         else:
             draw.line([(box[0], box[1]), (box[2], box[3])], fill=colour, width=4)
+    if art_of is not None:
+        own = np.random.default_rng([seed, *name.encode()])
+        x0, y0 = int(own.integers(8, w - 18)), int(own.integers(10, h - 40))
+        colour = tuple(int(c) for c in hsv_to_rgb(np.array([own.uniform(0, 1), 0.9, 0.9])))
+        draw.ellipse([x0, y0, x0 + 8, y0 + 8], fill=colour, outline=(20, 20, 20))
     if named:
         draw.rectangle(list(BANNER), fill=BANNER_COLOUR)
         draw.text((6, h - 20), name[:11], fill=(30, 30, 30), font=ImageFont.load_default())
@@ -220,12 +230,16 @@ def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
     return np.stack([h, np.where(mx > 0, (mx - mn) / (mx + 1e-6), 0), mx], -1)
 
 
-def apply_edition(card: np.ndarray, edition: str, rng: np.random.Generator, style: str = "easy") -> np.ndarray:
+def apply_edition(
+    card: np.ndarray, edition: str, rng: np.random.Generator, style: str = "easy", unit: float = 1.0
+) -> np.ndarray:
     """The edition's shader, over the whole card (float RGB 0..255, HxWx3). Patterns are coarse
     enough to survive downscaling to 64 px. In the collection style Foil and Holographic are faint
-    and keep the card's own colours, as in the game; Polychrome and Negative are the same in both."""
+    and keep the card's own colours, as in the game; Polychrome and Negative are the same in both.
+    `unit`: screen pixels per pixel of a 1080p card (the patterns scale with the card, as in the game)."""
     h, w, _ = card.shape
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32) / unit
+    w = w / unit
     phase = rng.uniform(0, 2 * np.pi)
     subtle = style == "collection"
     if edition == "Foil" and subtle:  # a faint cool tint and a soft diagonal sheen
