@@ -55,4 +55,7 @@ def test_the_quality_benchmark_reports_every_seed_and_their_mean(dataset, tmp_pa
     assert top1["mean"] == pytest.approx(statistics.fmean(top1["values"]))
     assert top1["ci95"] >= 0 and "±" in (sweep / "quality.md").read_text()
     assert "## Modifier top-1 by edition" in (sweep / "quality.md").read_text()
+    near = report["near_duplicates"]  # the figures themselves: tests/test_near_duplicates.py
+    assert near["max_distance"] == 6 and set(near["top1_without"]) == {"identification", "modifier"}
+    assert "near-duplicate among the training screenshots" in (sweep / "quality.md").read_text()
     assert write_report(sweep)["tasks"] == report["tasks"]  # by hand, from the folders alone

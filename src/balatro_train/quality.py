@@ -11,6 +11,8 @@ job's run folder (metrics.jsonl, split.json, val_predictions.json, its saved con
   with one or two screenshots of a card can expect;
 * identification top-1 by edition (the validation image's modifier): is a Foil card still recognised?
 * modifier top-1 by edition (each edition's recall): is a Holographic card called Holographic?
+* per task, the top-1 on the validation images without a near-duplicate among the training screenshots, and
+  the share that have one (balatro_train/near_duplicates.py): what a split of near-identical captures hides;
 * wall time of the whole benchmark and the mean training images/s.
 
 By hand, for a sweep folder (e.g. one stopped early): python -m balatro_train.quality <sweep dir>
@@ -30,6 +32,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from balatro_train.labels import read_labels
+from balatro_train.near_duplicates import DEFAULT_MAX_DISTANCE, has_near_duplicate, perceptual_hashes
 from balatro_train.sweep_folders import (
     BREAKDOWNS,
     for_each_sweep_dir,
@@ -44,15 +47,26 @@ log = logging.getLogger("balatro_train.quality")
 
 
 class QualityReport(Callback):
+    """Registered by conf/benchmark/quality.yaml; `near_duplicate_distance` (hydra.callbacks.quality_report.
+    near_duplicate_distance): the perceptual-hash bits within which a validation image counts as a near-copy
+    of a training one (balatro_train/near_duplicates.py)."""
+
+    def __init__(self, near_duplicate_distance: int = DEFAULT_MAX_DISTANCE) -> None:
+        self.near_duplicate_distance = near_duplicate_distance
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.started = time.perf_counter()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        write_report(Path(config.hydra.sweep.dir), time.perf_counter() - getattr(self, "started", time.perf_counter()))
+        wall = time.perf_counter() - getattr(self, "started", time.perf_counter())
+        write_report(Path(config.hydra.sweep.dir), wall, self.near_duplicate_distance)
 
 
-def seed_result(job: Path) -> dict | None:
-    """One seed's numbers, from its run folder; None for a job that left no finished epoch."""
+def seed_result(
+    job: Path, near_duplicate_distance: int = DEFAULT_MAX_DISTANCE, hashes: dict | None = None
+) -> dict | None:
+    """One seed's numbers, from its run folder; None for a job that left no finished epoch. `hashes`: the
+    perceptual hashes computed so far, by image path (filled in here; shared by the seeds of one dataset)."""
     rows = read_metrics(job / "metrics.jsonl")
     predictions_file = job / "val_predictions.json"
     if not rows or not predictions_file.is_file():
@@ -61,7 +75,8 @@ def seed_result(job: Path) -> dict | None:
     best = min(rows, key=lambda r: r["val_loss"])
     predictions = json.loads(predictions_file.read_text())
     split = json.loads((job / "split.json").read_text())
-    originals = {s.file: s.meta for s in read_labels(cfg.dataset.labels_file, cfg.dataset.root)}
+    samples = {s.file: s for s in read_labels(cfg.dataset.labels_file, cfg.dataset.root)}
+    originals = {file: s.meta for file, s in samples.items()}
     result = {
         "seed": int(cfg.seed),
         "best_epoch": best["epoch"],
@@ -76,11 +91,38 @@ def seed_result(job: Path) -> dict | None:
         result["f1"][task] = best.get(f"{task}/f1", math.nan)  # the runner's own (torchmetrics, macro)
     if "identification" in result["top1"]:
         result.update(identification_breakdown(predictions, split["train"], originals, cfg.tasks.identification.field))
+    result["near_duplicates"] = near_duplicate_figures(
+        predictions, split["train"], samples, near_duplicate_distance, hashes
+    )
     return result
 
 
-def write_report(sweep_dir: Path, wall_seconds: float | None = None) -> dict:
-    results = sorted((r for r in map(seed_result, job_dirs(sweep_dir)) if r), key=lambda r: r["seed"])
+def near_duplicate_figures(predictions: dict, train_files: list[str], samples: dict, max_distance: int, hashes) -> dict:
+    """The share of validation images with a near-duplicate among the training originals, and per task the
+    top-1 on those without one: the figure a per-image split of near-identical captures cannot inflate."""
+    hashes = {} if hashes is None else hashes
+    val_paths = [samples[f].path for f in predictions]
+    train_paths = [samples[f].path for f in train_files if f in samples]
+    hashes.update(perceptual_hashes(p for p in {*val_paths, *train_paths} if p not in hashes))
+    near = has_near_duplicate(val_paths, train_paths, hashes, max_distance)
+    without = [p for p, n in zip(predictions.values(), near, strict=True) if not n]
+    tasks = next(iter(predictions.values()))
+    return {
+        "max_distance": max_distance,
+        "share_with": sum(near) / len(near),
+        "images_without": len(without),
+        "top1_without": {
+            t: sum(p[t]["true"] == p[t]["pred"] for p in without) / len(without) if without else math.nan for t in tasks
+        },
+    }
+
+
+def write_report(
+    sweep_dir: Path, wall_seconds: float | None = None, near_duplicate_distance: int = DEFAULT_MAX_DISTANCE
+) -> dict:
+    hashes: dict = {}
+    results = [seed_result(job, near_duplicate_distance, hashes) for job in job_dirs(sweep_dir)]
+    results = sorted((r for r in results if r), key=lambda r: r["seed"])
     if not results:
         log.warning("no finished job with val_predictions.json in %s: no quality report", sweep_dir)
         return {}
@@ -95,6 +137,12 @@ def write_report(sweep_dir: Path, wall_seconds: float | None = None) -> dict:
             for t in tasks
         },
         **{key: pooled(results, key) for key in BREAKDOWNS},
+        "near_duplicates": {
+            "max_distance": near_duplicate_distance,
+            "share_with": mean_ci([r["near_duplicates"]["share_with"] for r in results]),
+            "images_without_per_seed": statistics.fmean(r["near_duplicates"]["images_without"] for r in results),
+            "top1_without": {t: mean_ci([r["near_duplicates"]["top1_without"][t] for r in results]) for t in tasks},
+        },
         "per_seed": results,
     }
     (sweep_dir / "quality.json").write_text(json.dumps(report, indent=1))
@@ -122,7 +170,21 @@ def markdown(report: dict) -> str:
         "| task | top-1 | macro F1 |",
         "|---|---|---|",
     ]
-    lines += [f"| {t} | {cell(v['top1'])} | {cell(v['f1'])} |" for t, v in report["tasks"].items()]
+    near = report["near_duplicates"]
+    lines[-2:] = [
+        f"| task | top-1 | macro F1 | top-1 without a near-duplicate in training ({near['max_distance']} bits) |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {t} | {cell(v['top1'])} | {cell(v['f1'])} | {cell(near['top1_without'][t])} |"
+        for t, v in report["tasks"].items()
+    ]
+    lines += [
+        "",
+        f"{near['share_with']['mean']:.1%} of the validation images have a near-duplicate among the training "
+        f"screenshots (perceptual hash within {near['max_distance']} bits); "
+        f"{near['images_without_per_seed']:.0f} per seed have none.",
+    ]
     for key, title in BREAKDOWNS.items():
         if report.get(key):
             lines += ["", f"## {title}", "", "| group | top-1 | validation images per seed |", "|---|---|---|"]
