@@ -36,7 +36,7 @@ def cfg():
         return compose(config_name="train", overrides=["data.image_size=48"])
 
 
-@pytest.mark.parametrize("name", ["train", "val", "none", "heavy", "light"])
+@pytest.mark.parametrize("name", ["train", "val", "none", "heavy", "light", "wild"])
 def test_every_pipeline_builds_and_keeps_editions_apart(cfg, name):
     targets = {t["_target_"].rsplit(".", 1)[-1] for t in cfg.transforms[name].transforms}
     assert not targets & FORBIDDEN
