@@ -172,6 +172,26 @@ def test_evaluate_writes_report_metrics_and_figures(trained, tmp_path, monkeypat
                 assert image.width > 50 and image.height > 50
     report = (out / "report.md").read_text()
     assert "## identification" in report and "confusion_modifier.png" in report
+    split, near = load_checkpoint(trained.checkpoint).split, metrics["near_duplicates"]
+    originals = [f for f in split["train"] if f in json.loads(trained.labels_file.read_text())]  # not augmented
+    assert near["training_images_evaluated"] == len(originals)  # its own training screenshots, told apart
+    assert near["images_not_in_training"] == 16 - len(originals) and "near-duplicate among them" in report
+
+
+def test_evaluate_counts_a_recapture_of_a_training_screenshot_as_a_near_copy(trained, tmp_path):
+    labels = json.loads(trained.labels_file.read_text())
+    first = load_checkpoint(trained.checkpoint).split["train"][0]
+    with Image.open(trained.images / first) as image:  # the same scene captured again, at another size
+        image.convert("RGB").resize((image.width * 3 // 2, image.height * 3 // 2)).save(tmp_path / "recapture.png")
+    (tmp_path / "labels.json").write_text(json.dumps({"recapture.png": labels[first]}))
+    report = evaluate(trained.checkpoint, tmp_path / "labels.json", tmp_path, tmp_path / "out", device="cpu")
+    near = report["near_duplicates"]
+    assert (near["training_images_evaluated"], near["images_not_in_training"], near["share_with"]) == (0, 1, 1.0)
+    assert near["images_without"] == 0
+    far = evaluate(trained.checkpoint, tmp_path / "labels.json", tmp_path, tmp_path / "out0", "cpu", 64, 32, 0)
+    assert far["near_duplicates"]["max_distance"] == 0  # the key reaches the figure
+    with pytest.raises(UserError, match="near_duplicate_distance=65 must be a number of bits from 0 to 64"):
+        evaluate(trained.checkpoint, tmp_path / "labels.json", tmp_path, tmp_path / "out1", "cpu", 64, 32, 65)
 
 
 def test_evaluate_names_classes_the_checkpoint_does_not_know(trained, tmp_path):

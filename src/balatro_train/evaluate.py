@@ -11,6 +11,11 @@ augmented files are ignored), prepared exactly as validation prepared them. Writ
   misclassified_<task>.png     the misclassified images, true and predicted label under each
   report.md                    all of the above on one page
 
+metrics.json's `near_duplicates`: where the checkpoint's training screenshots can be read (its split and its
+training labels file), how many evaluated images are training images, how many of the others have a
+near-duplicate among them (perceptual hash within `near_duplicate_distance` bits, balatro_train/near_duplicates.py),
+and per task the top-1 on the images that have none: the figure near-copies of training captures cannot inflate.
+
 A task with an embedding head (tasks.<task>.head=cosine) may be given cards the checkpoint does not
 know: its closed-set metrics are then those of the known cards' images, and metrics.json's
 `open_set` reports how well "unknown" separates the two: AUROC of known vs unknown by the best
@@ -45,6 +50,7 @@ from balatro_train.metrics import (
     scalars_and_matrices,
     write_confusion_summaries,
 )
+from balatro_train.near_duplicates import DEFAULT_MAX_DISTANCE, has_near_duplicate, perceptual_hashes
 from balatro_train.preprocessing import load_image
 from balatro_train.run_folder import holds_a_run
 
@@ -69,11 +75,23 @@ def main(cfg: DictConfig) -> None:
         cfg.device,
         cfg.batch_size,
         cfg.max_grid_images,
+        cfg.near_duplicate_distance,
     )
 
 
-def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", batch_size=64, max_grid_images=32) -> dict:
+def evaluate(
+    checkpoint,
+    labels_file,
+    root=".",
+    out_dir=None,
+    device="auto",
+    batch_size=64,
+    max_grid_images=32,
+    near_duplicate_distance=DEFAULT_MAX_DISTANCE,
+) -> dict:
     """Evaluate and write the report; returns what metrics.json holds."""
+    if not isinstance(near_duplicate_distance, int) or not 0 <= near_duplicate_distance <= 64:
+        raise UserError(f"near_duplicate_distance={near_duplicate_distance} must be a number of bits from 0 to 64")
     path = resolve_checkpoint(checkpoint)
     out_dir = Path(out_dir) if out_dir else default_out_dir(path)
     if holds_a_run(out_dir):  # its confusion_summary.md and metrics would be replaced by this report's
@@ -122,7 +140,7 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
     }
     import matplotlib.pyplot as plt  # confusion_figure's figures belong to pyplot: closed here, or they pile up
 
-    mistakes, summaries = {}, {}
+    mistakes, summaries, right = {}, {}, {}
     for task, names in state.class_names.items():
         target = targets[task][keep]
         known = target >= 0
@@ -144,6 +162,7 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
         plt.close(figure)
         summaries[task] = confusion_summary(matrices["confusion_matrix"], names)
         confidence, predicted = (values.tolist() for values in task_probs.max(dim=1))
+        right[task] = {s.path: t == p for s, t, p in zip(task_samples, true_list, predicted, strict=True)}
         wrong = [i for i, (t, p) in enumerate(zip(true_list, predicted, strict=True)) if t != p]
         mistakes[task] = [
             (task_samples[i].file, names[true_list[i]], names[predicted[i]], confidence[i]) for i in wrong
@@ -160,6 +179,7 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
         )
         Image.fromarray(grid).save(out_dir / f"misclassified_{task}.png")
 
+    report["near_duplicates"] = near_duplicate_section(state, samples, right, near_duplicate_distance)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=1) + "\n")
     write_confusion_summaries(out_dir, summaries, f"{path.name} on {len(samples)} images of {labels_file}")
     (out_dir / "report.md").write_text(markdown(report, state, mistakes, max_grid_images))
@@ -169,6 +189,39 @@ def evaluate(checkpoint, labels_file, root=".", out_dir=None, device="auto", bat
         out_dir / "report.md",
     )
     return report
+
+
+def near_duplicate_section(state: Checkpoint, samples: list, right: dict, max_distance: int) -> dict | None:
+    """The evaluated images against the checkpoint's training screenshots (read from its training labels
+    file, as data); None, with a log line, where those cannot be read here."""
+    try:  # the saved config as data: OmegaConf only resolves its ${...} references to other keys
+        dataset = OmegaConf.create(state.config).dataset
+        training = {s.file: s.path for s in read_labels(dataset.labels_file, dataset.root)}
+    except Exception:  # noqa: BLE001 - any reason the training set is not here: the section is left out
+        log.info("near-duplicates not reported: the checkpoint's training labels file is not readable here")
+        return None
+    train_paths = [training[f] for f in state.split.get("train", []) if f in training and training[f].is_file()]
+    if not train_paths:
+        log.info("near-duplicates not reported: none of the checkpoint's training screenshots is readable here")
+        return None
+    seen = {p.resolve() for p in train_paths}
+    unseen = [s.path for s in samples if s.path.resolve() not in seen]
+    hashes = perceptual_hashes({*unseen, *train_paths})
+    near = dict(zip(unseen, has_near_duplicate(unseen, train_paths, hashes, max_distance), strict=True))
+    without = [p for p in unseen if not near[p]]
+    return {
+        "max_distance": max_distance,
+        "training_images_evaluated": len(samples) - len(unseen),
+        "images_not_in_training": len(unseen),
+        "share_with": sum(near.values()) / len(unseen) if unseen else float("nan"),
+        "images_without": len(without),
+        "top1_without": {
+            task: sum(by_path[p] for p in without if p in by_path) / n
+            if (n := sum(p in by_path for p in without))
+            else float("nan")
+            for task, by_path in right.items()
+        },
+    }
 
 
 def open_set_metrics(scores: torch.Tensor, known: torch.Tensor, correct: torch.Tensor, threshold: float) -> dict:
@@ -222,6 +275,14 @@ def markdown(report: dict, state: Checkpoint, mistakes: dict, max_rows: int) -> 
     ]
     if report["skipped"]:
         lines.append(f"- skipped {len(report['skipped'])} unreadable images: {', '.join(report['skipped'][:10])}")
+    near = report.get("near_duplicates")
+    if near:
+        lines.append(
+            f"- {near['training_images_evaluated']} of the images are the checkpoint's training screenshots; of the "
+            f"{near['images_not_in_training']} others, {near['share_with']:.1%} have a near-duplicate among them "
+            f"(perceptual hash within {near['max_distance']} bits); top-1 on the {near['images_without']} without: "
+            + ", ".join(f"{task} {value:.3f}" for task, value in near["top1_without"].items())
+        )
     for task, scores in report["tasks"].items():
         names = state.class_names[task]
         lines += [
