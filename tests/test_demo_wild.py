@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import compose
+from hydra.utils import instantiate
 from PIL import Image
 
 from balatro_train.demo import ensure_rendered, look_alikes
@@ -39,6 +40,17 @@ def test_the_conditions_change_the_pixels_and_never_the_labels(tmp_path):
     assert len(widths) > 5 and min(widths) >= 95 and max(widths) <= 285  # 720p to 4K windows
     rendered = json.loads((Path(wild) / "render.json").read_text())
     assert rendered["conditions"] == Conditions().as_settings()  # every condition recorded, defaults too
+
+
+def test_the_preset_renders_through_hydra(tmp_path, monkeypatch):
+    """As a run renders it: instantiate on the composed dataset.render (its lists arrive as ListConfig)."""
+    monkeypatch.chdir(tmp_path)
+    tiny = [f"dataset.render.{k}={v}" for k, v in TINY_WILD.items() if k != "style"]
+    cfg = compose(["dataset=demo_wild", *tiny, "dataset.render.conditions.scale=[0.7,1.5]"])
+    out_dir = Path(instantiate(cfg.dataset.render))
+    assert out_dir == Path(cfg.dataset.render.out_dir) and "_res0.7-1.5_" in out_dir.name
+    assert json.loads((out_dir / "render.json").read_text())["conditions"]["scale"] == [0.7, 1.5]
+    assert labels_of(str(out_dir)) and max(w for w, _ in sizes(str(out_dir))) <= round(145 * 1.5)
 
 
 def test_a_wild_set_is_deterministic(tmp_path):

@@ -21,6 +21,7 @@ onto the crop. Every draw comes from the caller's generator: the same seed rende
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import cv2
@@ -58,7 +59,7 @@ class Conditions:
             raise UserError(
                 f"dataset.render.conditions.{unknown[0]}: no such condition; known: {', '.join(sorted(known))}"
             )
-        values = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in settings.items()}
+        values = {k: tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for k, v in settings.items()}
         conditions = cls(**values)
         for name in ("hover", "overlap", "sticker", "shop", "scanlines", "jpeg"):
             if not 0 <= getattr(conditions, name) <= 1:
