@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from balatro_train.demo_cards import card_sprite, catalogue, screenshot
+from balatro_train.errors import UserError
 from balatro_train.labels import Sample
 from balatro_train.near_duplicates import has_near_duplicate, nearest_distances, perceptual_hashes
-from balatro_train.quality import near_duplicate_figures
+from balatro_train.quality import QualityReport, near_duplicate_figures
 
 
 def write_shots(tmp_path) -> dict:
@@ -58,3 +59,11 @@ def test_the_report_scores_only_the_images_without_a_near_duplicate(tmp_path):
     assert figures["top1_without"] == {"identification": 0.0}
     alone = near_duplicate_figures({"b.png": wrong}, ["a_capture.png"], samples, 64, None)  # everything is near
     assert alone["share_with"] == 1.0 and math.isnan(alone["top1_without"]["identification"])
+
+
+@pytest.mark.parametrize("bits", [-1, 65, 2.5])
+def test_an_impossible_distance_is_refused_before_the_sweep(bits):
+    """The benchmark's callback is built when the sweep starts: the sweep then stops before any job."""
+    with pytest.raises(UserError, match=f"near_duplicate_distance={bits} must be a number of bits from 0 to 64"):
+        QualityReport(near_duplicate_distance=bits)
+    assert QualityReport(near_duplicate_distance=0).near_duplicate_distance == 0

@@ -31,6 +31,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from balatro_train.errors import UserError
 from balatro_train.labels import read_labels
 from balatro_train.near_duplicates import DEFAULT_MAX_DISTANCE, has_near_duplicate, perceptual_hashes
 from balatro_train.sweep_folders import (
@@ -52,6 +53,11 @@ class QualityReport(Callback):
     of a training one (balatro_train/near_duplicates.py)."""
 
     def __init__(self, near_duplicate_distance: int = DEFAULT_MAX_DISTANCE) -> None:
+        if not isinstance(near_duplicate_distance, int) or not 0 <= near_duplicate_distance <= 64:
+            raise UserError(
+                f"hydra.callbacks.quality_report.near_duplicate_distance={near_duplicate_distance} must be a "
+                f"number of bits from 0 to 64"
+            )
         self.near_duplicate_distance = near_duplicate_distance
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
