@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import compose, tiny_overrides, write_dataset
 
-from balatro_train.knn import classify, main
+from balatro_train.knn import centred_units, classify, main
 from balatro_train.train import train
 
 
@@ -22,6 +22,18 @@ def test_nearest_takes_the_closest_screenshot_and_class_mean_the_closest_mean():
     query = F.normalize(torch.tensor([[0.1, 1.0]]), dim=1)
     assert classify(query, train, known, 2, "nearest").tolist() == [0]
     assert classify(query, train, known, 2, "class_mean").tolist() == [1]
+
+
+def test_embeddings_are_centred_by_the_training_mean_before_the_cosine():
+    """A large part common to every embedding (pooled features are all positive) would decide every cosine:
+    here the query's raw nearest neighbour is the wrong card, and after centring the right one."""
+    train = torch.tensor([[11.0, 9.0], [9.0, 11.0], [20.0, 20.0]])  # cards 0 and 1 either side, card 2 far out
+    query = torch.tensor([[10.2, 9.8]])  # card 0's side; by its raw direction, card 2's
+    known = torch.tensor([0, 1, 2])
+    assert classify(F.normalize(query, dim=1), F.normalize(train, dim=1), known, 3, "nearest").tolist() == [2]
+    centred_train, centred_query = centred_units(train, query)
+    assert torch.allclose(centred_train.norm(dim=1), torch.ones(3))
+    assert classify(centred_query, centred_train, known, 3, "nearest").tolist() == [0]
 
 
 @pytest.mark.parametrize("with_checkpoint", [False, True], ids=["pretrained", "checkpoint"])

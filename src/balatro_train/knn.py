@@ -104,8 +104,7 @@ def seed_result(cfg, seed: int, model) -> dict:
     cfg.seed = seed
     data = build_data(cfg)
     train, val = embed(model, data.train.images, data), embed(model, data.val.images, data)
-    centre = train.mean(dim=0)
-    train, val = F.normalize(train - centre, dim=1), F.normalize(val - centre, dim=1)
+    train, val = centred_units(train, val)
     originals = {s.file: s.meta for s in read_labels(cfg.dataset.labels_file, cfg.dataset.root)}
     result = {"seed": seed}
     for rule in RULES:
@@ -143,6 +142,13 @@ def embed(model, images: np.ndarray, data, batch_size: int = 64) -> torch.Tensor
         )
         chunks.append(model.backbone(model.input(batch)).float())
     return torch.cat(chunks)
+
+
+def centred_units(train: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets of embeddings centred by the training mean and L2-normalised. Pooled CNN features are all
+    positive and share a large common part: uncentred, every cosine is near 1 and that part decides."""
+    centre = train.mean(dim=0)
+    return F.normalize(train - centre, dim=1), F.normalize(val - centre, dim=1)
 
 
 def classify(val: torch.Tensor, train: torch.Tensor, known: torch.Tensor, classes: int, rule: str) -> torch.Tensor:
