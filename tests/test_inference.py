@@ -312,3 +312,17 @@ def test_no_image_matched_names_the_key(tmp_path):
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(UserError, match="the folder holds no image"):
         find_images(tmp_path)
+
+
+def test_evaluate_leaves_near_duplicates_out_where_the_training_set_is_gone(trained, tmp_path):
+    """A checkpoint evaluated on another machine: its training labels file is not there. The report is written
+    without the section, never a traceback."""
+    import copy
+    import dataclasses
+
+    state = load_checkpoint(trained.checkpoint)
+    config = copy.deepcopy(state.config)
+    config["dataset"]["labels_file"] = str(tmp_path / "gone" / "labels.json")
+    dataclasses.replace(state, config=config).save([tmp_path / "moved.pt"])
+    report = evaluate(tmp_path / "moved.pt", trained.labels_file, trained.root, tmp_path / "out", device="cpu")
+    assert report["near_duplicates"] is None and report["tasks"]["identification"]["top1_acc"] >= 0

@@ -33,6 +33,7 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from PIL import Image
 
 from balatro_train.checkpoint import Checkpoint, load_checkpoint
@@ -197,7 +198,7 @@ def near_duplicate_section(state: Checkpoint, samples: list, right: dict, max_di
     try:  # the saved config as data: OmegaConf only resolves its ${...} references to other keys
         dataset = OmegaConf.create(state.config).dataset
         training = {s.file: s.path for s in read_labels(dataset.labels_file, dataset.root)}
-    except Exception:  # noqa: BLE001 - any reason the training set is not here: the section is left out
+    except (UserError, OSError, OmegaConfBaseException):  # the training set is not here: the section is left out
         log.info("near-duplicates not reported: the checkpoint's training labels file is not readable here")
         return None
     train_paths = [training[f] for f in state.split.get("train", []) if f in training and training[f].is_file()]

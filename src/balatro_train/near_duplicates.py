@@ -18,20 +18,17 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from balatro_train.preprocessing import load_image
+
 # Bits (of 64) within which two screenshots count as near-duplicates. Re-captures of one unchanged scene
 # differ by a few bits; distinct screenshots of one card, with other crops, light and editions, by far more.
 DEFAULT_MAX_DISTANCE = 6
 
 
 def perceptual_hashes(paths: Iterable[Path]) -> dict[Path, np.ndarray]:
-    """Each image's 64-bit perceptual hash, as 64 booleans (alpha composited on black, as the runner's default)."""
-    hashes = {}
-    for path in paths:
-        with Image.open(path) as image:
-            rgba = image.convert("RGBA")
-        flat = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
-        hashes[path] = imagehash.phash(flat).hash.flatten()
-    return hashes
+    """Each image's 64-bit perceptual hash, as 64 booleans, of the image decoded as training decodes it
+    (preprocessing.load_image: EXIF orientation, transparency on black) at 64 px (phash itself works at 32)."""
+    return {path: imagehash.phash(Image.fromarray(load_image(path, 64, (0, 0, 0)))).hash.flatten() for path in paths}
 
 
 def nearest_distances(queries: list[np.ndarray], references: list[np.ndarray]) -> np.ndarray:
